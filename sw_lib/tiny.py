@@ -1,0 +1,114 @@
+"""Tiny random models of every supported family, with a super weight planted on request.
+
+Used by the tests (exhaustive architecture coverage in seconds) and handy for trying the
+notebooks without a real model. A planted super weight is made the way real ones look: one MLP
+channel `column` spikes on the first token, and one large down-projection weight [row, column]
+turns it into a huge output on residual channel `row`.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from . import arch
+
+TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=512, head_dim=16)
+
+# Per model type: config overrides for a tiny instance (keys transformers' configs accept).
+TINY_OVERRIDES: dict[str, dict] = {
+    "gpt2": dict(n_embd=64, n_inner=128, n_layer=4, n_head=4, n_positions=512),
+    "gpt_neox": dict(rotary_pct=0.25, use_parallel_residual=True),
+    "gemma2": dict(sliding_window=64, query_pre_attn_scalar=16),
+    "gemma3_text": dict(sliding_window=64, query_pre_attn_scalar=16),
+    "phi3": dict(pad_token_id=0),
+}
+
+
+def tiny_config(model_type: str, vocab_size: int, **overrides):
+    from transformers import AutoConfig
+
+    arch.family_for_model_type(model_type)
+    kwargs = dict(TINY) if model_type != "gpt2" else {}
+    kwargs.update(TINY_OVERRIDES.get(model_type, {}))
+    kwargs.update(vocab_size=vocab_size, tie_word_embeddings=False)
+    kwargs.update(overrides)
+    return AutoConfig.for_model(model_type, **kwargs)
+
+
+def tiny_model(model_type: str, vocab_size: int = 49152, seed: int = 0, **overrides) -> nn.Module:
+    """A randomly initialised float32 model of `model_type` with a few small layers."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    config = tiny_config(model_type, vocab_size, **overrides)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    return model.eval()
+
+
+def _mlp_input_modules(model: nn.Module, layer: int) -> list[nn.Module]:
+    """The MLP's linear maps whose outputs produce the down projection's input channels."""
+    down = arch.down_proj(model, layer)
+    mlp_path = arch.family_of(model).down_proj.rsplit(".", 1)[0]
+    mlp = arch.decoder_layers(model)[layer].get_submodule(mlp_path)
+    return [m for m in mlp.modules()
+            if m is not down and hasattr(m, "weight") and m.weight is not None
+            and m.weight.dim() == 2 and not isinstance(m, nn.Embedding)]
+
+
+def _first_token_mlp_input(model: nn.Module, layer: int, input_ids: torch.Tensor) -> torch.Tensor:
+    """The (normalised) hidden state that enters `layer`'s MLP at token 0."""
+    first = _mlp_input_modules(model, layer)[0]
+    captured = {}
+    handle = first.register_forward_pre_hook(lambda m, args: captured.setdefault("h", args[0]))
+    try:
+        with torch.no_grad():
+            model(input_ids)
+    finally:
+        handle.remove()
+    return captured["h"][0, 0].float()
+
+
+@torch.no_grad()
+def plant_super_weight(model: nn.Module, layer: int, row: int, column: int,
+                       input_ids: torch.Tensor, value: float = 6.0,
+                       extra_rows: dict[int, float] | None = None,
+                       spike: float = 200.0) -> None:
+    """Make MLP channel `column` of `layer` spike on token 0 and plant W[row, column] = value.
+
+    The rows of the up (and gate) projections that produce channel `column` are aligned with
+    token 0's MLP input, scaled so the channel reaches about `spike` there (act(p) * p for a
+    gated MLP, act(p) otherwise); `extra_rows` plants further weights of the same column.
+    """
+    h = _first_token_mlp_input(model, layer, input_ids)
+    intermediate = arch.down_proj_matrix(model, layer).shape[1]
+    modules = _mlp_input_modules(model, layer)
+    rows = sum(m.weight.numel() // h.numel() for m in modules if m.weight.numel() % h.numel() == 0)
+    gated = rows >= 2 * intermediate
+    pre_activation = spike ** 0.5 if gated else spike
+    direction = h / h.norm() ** 2 * pre_activation  # direction . h == pre_activation
+    for module in modules:
+        weight = module.weight.t() if arch.family_of(model).transposed else module.weight
+        if weight.shape[1] != direction.numel():
+            continue
+        # A fused gate_up projection holds 2*I rows: channel `column` in both halves.
+        for offset in range(0, weight.shape[0], intermediate):
+            weight[offset + column] = direction.to(weight.dtype)
+            bias = getattr(module, "bias", None)
+            if bias is not None:
+                bias[offset + column] = 0.0
+    matrix = arch.down_proj_matrix(model, layer)
+    matrix[row, column] = value
+    for extra_row, extra_value in (extra_rows or {}).items():
+        matrix[extra_row, column] = extra_value
+
+
+def save_tiny(model: nn.Module, tokenizer, folder: str | Path) -> Path:
+    """Save a tiny model with its tokenizer as a folder `load_model` accepts."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
