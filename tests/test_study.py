@@ -1,0 +1,172 @@
+"""Ablation studies: severity rules, paired differences, grouping, and a study on a tiny model."""
+from __future__ import annotations
+
+import copy
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from sw_lib import study
+from sw_lib.ablate import WeightEdit
+
+# --- severity ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("ratio, expected", [
+    (0.5, "minimal"), (1.0, "minimal"), (1.1, "minimal"), (1.1000001, "mild"),
+    (1.5, "mild"), (1.5000001, "moderate"), (3.0, "moderate"), (3.0000001, "severe"),
+    (10.0, "severe"), (10.0000001, "catastrophic"), (1e6, "catastrophic"),
+    (math.inf, "catastrophic"), (math.nan, "catastrophic"), (None, "catastrophic"),
+])
+def test_perplexity_severity_boundaries(ratio, expected):
+    assert study.perplexity_severity(ratio) == expected
+
+
+@pytest.mark.parametrize("drop, expected", [
+    (-0.3, "minimal"), (0.0, "minimal"), (0.05, "minimal"), (0.0500001, "mild"),
+    (0.1, "mild"), (0.1000001, "moderate"), (0.2, "moderate"), (0.2000001, "severe"),
+    (0.5, "severe"), (0.5000001, "catastrophic"), (1.0, "catastrophic"),
+    # Float subtraction lands a hair above an exact boundary; it must still count as equal.
+    (0.4 - 0.3, "mild"), (0.7 - 0.2, "severe"), (0.25 - 0.05, "moderate"),
+])
+def test_accuracy_severity_boundaries(drop, expected):
+    assert study.accuracy_severity(drop) == expected
+
+
+# --- paired differences --------------------------------------------------------------------
+
+
+def _items(correct, ids, metric="acc"):
+    return [{"doc_id": i, "gold": 0, "pred": 0, "correct": {metric: int(c)}}
+            for i, c in zip(ids, correct)]
+
+
+def test_paired_difference_equals_brute_force_numpy():
+    rng = np.random.default_rng(0)
+    n = 57
+    base = rng.integers(0, 2, n)
+    mod = np.where(rng.random(n) < 0.3, 1 - base, base)
+    ids = [f"doc{i}" for i in range(n)]
+    order = rng.permutation(n)  # the modified run lists items in another order
+    got = study.paired_difference(_items(base, ids),
+                                  _items(mod[order], [ids[i] for i in order]), "acc")
+
+    d = mod.astype(float) - base.astype(float)
+    mean = d.sum() / n
+    var = ((d - mean) ** 2).sum() / (n - 1)
+    se = math.sqrt(var) / math.sqrt(n)
+    assert got["n"] == n
+    assert got["mean"] == pytest.approx(mean, abs=1e-12)
+    assert got["stderr"] == pytest.approx(se, abs=1e-12)
+    assert got["ci95"] == pytest.approx([mean - 1.959963984540054 * se,
+                                         mean + 1.959963984540054 * se], abs=1e-12)
+    assert got["n_improved"] == int((d > 0).sum()) and got["n_worsened"] == int((d < 0).sum())
+    assert got["ci95"][0] < got["mean"] < got["ci95"][1]
+
+
+def test_paired_difference_needs_the_same_items():
+    with pytest.raises(ValueError, match="different items"):
+        study.paired_difference(_items([1, 0], [0, 1]), _items([1, 0], [0, 2]), "acc")
+
+
+def test_paired_difference_single_item_has_no_stderr():
+    got = study.paired_difference(_items([1], [0]), _items([0], [0]), "acc")
+    assert got["mean"] == -1.0 and got["stderr"] is None and got["ci95"] is None
+
+
+def _task_result(correct, ids, primary="acc_norm", other="acc"):
+    items = [{"doc_id": i, "gold": 0, "pred": 0,
+              "correct": {primary: int(c), other: int(1 - c)}} for i, c in zip(ids, correct)]
+    n = len(items)
+
+    def metric(values):
+        values = np.asarray(values, float)
+        return {"value": float(values.mean()), "stderr": float(values.std(ddof=1) / math.sqrt(n))}
+
+    return {"task": "t", "primary_metric": primary, "n_samples": n, "n_requested": n,
+            "capped": False, "per_item": items,
+            "metrics": {primary: metric(correct), other: metric(1 - np.asarray(correct))}}
+
+
+def test_accuracy_impact_fields():
+    ids = list(range(10))
+    base = _task_result([1, 1, 1, 1, 1, 1, 0, 0, 0, 0], ids)
+    mod = _task_result([1, 1, 0, 0, 0, 0, 0, 0, 0, 1], ids)
+    got = study.accuracy_impact(base, mod)
+    assert got["baseline_accuracy"] == pytest.approx(0.6)
+    assert got["modified_accuracy"] == pytest.approx(0.3)
+    assert got["accuracy_drop"] == pytest.approx(0.3)
+    assert got["accuracy_ratio"] == pytest.approx(0.5)
+    assert got["impact_severity"] == "severe"
+    assert got["n_samples"] == 10
+    assert set(got["metrics"]) == {"acc_norm", "acc"}
+    assert got["metrics"]["acc"]["modified"]["value"] == pytest.approx(0.7)
+    # The paired difference's mean is the change of the accuracy.
+    assert got["paired_difference"]["mean"] == pytest.approx(-0.3)
+    assert got["metrics"]["acc"]["paired_difference"]["mean"] == pytest.approx(0.3)
+
+
+def test_perplexity_impact_fields():
+    base = {"perplexity": 12.0, "dataset_info": {"name": "wikitext"}, "n_windows": 2,
+            "n_tokens": 100}
+    got = study.perplexity_impact(base, {"perplexity": 48.0})
+    assert got["perplexity_ratio"] == 4.0 and got["perplexity_increase"] == 36.0
+    assert got["impact_severity"] == "severe"
+    assert got["dataset_info"] == {"name": "wikitext"}
+
+
+# --- conditions and labels -----------------------------------------------------------------
+
+
+def _w(layer, row, column, expert=None, shared=False):
+    return {"layer": layer, "row": row, "column": column, "expert": expert, "shared": shared,
+            "loss_ratio": 2.0}
+
+
+def test_labels():
+    assert study.weight_label(_w(2, 3968, 7003)) == "L2 [3968, 7003]"
+    assert study.weight_label(_w(1, 940, 711, expert=68)) == "L1 E68 [940, 711]"
+    assert study.weight_label(_w(3, 5, 6, shared=True)) == "L3 shared [5, 6]"
+    assert study.weight_label(WeightEdit(4, 1, 2)) == "L4 [1, 2]"
+
+
+def test_ablation_units_by_weight_and_by_group():
+    weights = [_w(2, 525, 808), _w(4, 525, 2723), _w(2, 1693, 808), _w(2, 1113, 808, expert=1)]
+    by_weight = study.ablation_units(weights, "weight")
+    assert [u["label"] for u in by_weight] == ["L2 [525, 808]", "L4 [525, 2723]",
+                                               "L2 [1693, 808]", "L2 E1 [1113, 808]"]
+    assert [len(u["edits"]) for u in by_weight] == [1, 1, 1, 1]
+    assert by_weight[0]["edits"][0] == WeightEdit(2, 525, 808, None, False, 0.0)
+
+    by_group = study.ablation_units(weights, "group")
+    assert [u["label"] for u in by_group] == ["L2 [525/1693, 808]", "L4 [525, 2723]",
+                                              "L2 E1 [1113, 808]"]
+    assert by_group[0]["group"] == {"layer": 2, "column": 808, "expert": None, "shared": False,
+                                    "rows": [525, 1693]}
+    assert sorted(e.row for e in by_group[0]["edits"]) == [525, 1693]
+    assert all(e.scale == 0.0 for u in by_group for e in u["edits"])
+    with pytest.raises(ValueError, match="unknown ablation unit 'layer'"):
+        study.ablation_units(weights, "layer")
+
+
+def test_settings_from_params_and_per_task_sizes():
+    s = study.StudySettings.from_dict({"accuracy_samples": 7, "gsm8k_samples": 3,
+                                       "mmlu_shots": 5, "accuracy_tasks": ["mmlu", "gsm8k"],
+                                       "models": ["ignored"]})
+    assert s.samples_for("mmlu") == 7 and s.samples_for("gsm8k") == 3
+    assert s.shots_for("mmlu") == 5 and s.shots_for("hellaswag") is None
+    assert s.tasks() == ("mmlu", "gsm8k")
+    s.skip_accuracy = True
+    assert s.tasks() == ()
+
+
+def test_write_json_is_strict_and_atomic(tmp_path):
+    path = tmp_path / "sub" / "x.json"
+    study.write_json(path, {"a": math.inf, "b": np.float32(1.5), "c": [WeightEdit(1, 2, 3)]})
+    assert json.loads(path.read_text()) == {
+        "a": None, "b": 1.5, "c": [{"layer": 1, "row": 2, "column": 3, "expert": None,
+                                    "shared": False, "scale": 0.0}]}
+    assert [p.name for p in path.parent.iterdir()] == ["x.json"]  # no temporary file left
