@@ -32,6 +32,10 @@ class MoESpec:
     experts: str = "experts"
     shared_expert: str | None = None
     shared_expert_gate: str | None = None
+    # How the router turns logits into scores: "softmax" over experts, or an independent
+    # "sigmoid" per expert (DeepSeek-V3). Used for routing entropy only; which experts a
+    # token uses is read from the experts block's own inputs.
+    scoring: str = "softmax"
 
 
 @dataclass(frozen=True)
@@ -62,7 +66,9 @@ FAMILIES: tuple[Family, ...] = (
            moe=MoESpec(shared_expert="shared_expert", shared_expert_gate="shared_expert_gate")),
     Family("olmoe", ("olmoe",), moe=MoESpec()),
     Family("qwen3_moe", ("qwen3_moe",), moe=MoESpec()),
-    Family("deepseek_v3", ("deepseek_v3",), moe=MoESpec(shared_expert="shared_experts")),
+    Family("deepseek_v2", ("deepseek_v2",), moe=MoESpec(shared_expert="shared_experts")),
+    Family("deepseek_v3", ("deepseek_v3",),
+           moe=MoESpec(shared_expert="shared_experts", scoring="sigmoid")),
 )
 
 
@@ -157,6 +163,26 @@ def shared_expert(model: nn.Module, layer: int) -> nn.Module | None:
 
 def shared_expert_gate(model: nn.Module, layer: int) -> nn.Module | None:
     return _find(moe_block(model, layer), family_of(model).moe.shared_expert_gate)
+
+
+def is_moe_model(model: nn.Module) -> bool:
+    return bool(moe_layers(model))
+
+
+def moe_layers(model: nn.Module) -> list[int]:
+    """Layers with a mixture-of-experts block (dense first layers of DeepSeek, Qwen's
+    `mlp_only_layers` and `decoder_sparse_step` gaps are left out)."""
+    return [i for i in range(num_layers(model)) if is_moe_layer(model, i)]
+
+
+def num_experts(model: nn.Module, layer: int) -> int:
+    """Routed experts of an MoE layer (the fused tensors' first dimension)."""
+    return experts(model, layer).down_proj.shape[0]
+
+
+def experts_per_token(model: nn.Module) -> int:
+    """top_k: routed experts each token uses."""
+    return int(model.config.num_experts_per_tok)
 
 
 def weight_matrix(model: nn.Module, layer: int, expert: int | None = None,

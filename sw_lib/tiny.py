@@ -23,7 +23,20 @@ TINY_OVERRIDES: dict[str, dict] = {
     "gpt_neox": dict(rotary_pct=0.25, use_parallel_residual=True),
     "gemma2": dict(sliding_window=64, query_pre_attn_scalar=16),
     "gemma3_text": dict(sliding_window=64, query_pre_attn_scalar=16),
-    "phi3": dict(pad_token_id=0),
+    # Mixture-of-experts families: 8 experts of width 32, top-2 routing.
+    "mixtral": dict(num_local_experts=8, num_experts_per_tok=2, intermediate_size=32),
+    "olmoe": dict(num_experts=8, num_experts_per_tok=2, intermediate_size=32),
+    "qwen2_moe": dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32,
+                      shared_expert_intermediate_size=64),
+    "qwen3_moe": dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32),
+    "deepseek_v2": dict(n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=32,
+                        n_shared_experts=1, first_k_dense_replace=1, q_lora_rank=None,
+                        kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16,
+                        head_dim=8, num_key_value_heads=4),
+    "deepseek_v3": dict(n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=32,
+                        n_shared_experts=1, first_k_dense_replace=1, n_group=2, topk_group=1,
+                        q_lora_rank=32, kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8,
+                        v_head_dim=16, head_dim=8, num_key_value_heads=4),
 }
 
 
@@ -33,7 +46,9 @@ def tiny_config(model_type: str, vocab_size: int, **overrides):
     arch.family_for_model_type(model_type)
     kwargs = dict(TINY) if model_type != "gpt2" else {}
     kwargs.update(TINY_OVERRIDES.get(model_type, {}))
-    kwargs.update(vocab_size=vocab_size, tie_word_embeddings=False)
+    # Token ids inside the (borrowed) vocabulary: SmolLM2's bos=1, eos=pad=2.
+    kwargs.update(vocab_size=vocab_size, tie_word_embeddings=False,
+                  bos_token_id=1, eos_token_id=2, pad_token_id=2)
     kwargs.update(overrides)
     return AutoConfig.for_model(model_type, **kwargs)
 
