@@ -217,8 +217,14 @@ def detect_super_weights(lm, prompt: str = DEFAULT_PROMPT,
                          confirm_ratio: float = DEFAULT_CONFIRM_RATIO,
                          reference_tokens: int = DEFAULT_REFERENCE_TOKENS,
                          require_co_occurrence: bool = False,
+                         moe_options: dict | None = None,
                          progress: bool = True) -> Detection:
-    """Find, confirm and group the dense super weights of a `LoadedModel`."""
+    """Find, confirm and group the super weights of a `LoadedModel`.
+
+    Dense down projections are scanned here; for a mixture-of-experts model the expert super
+    weights found by `sw_lib.moe` (with `moe_options`: p_active_floor, co_spike_threshold)
+    join the same candidate list, so confirmation, grouping and the JSON treat both alike.
+    """
     if spike_threshold <= 0:
         raise ValueError(f"spike_threshold must be positive, got {spike_threshold}")
     if max_iterations < 1:
@@ -228,6 +234,11 @@ def detect_super_weights(lm, prompt: str = DEFAULT_PROMPT,
     start = time.perf_counter()
     candidates, iterations = find_candidates(model, input_ids, spike_threshold, max_iterations,
                                              require_co_occurrence)
+    if lm.family.moe is not None:
+        from . import moe
+
+        candidates += moe.detect_expert_super_weights(
+            lm, prompt, spike_threshold, max_iterations, **(moe_options or {}))
     detection_seconds = time.perf_counter() - start
     tokens = [tokenizer.decode([t]) for t in input_ids[0].tolist()]
     for c in candidates:
@@ -252,7 +263,7 @@ def detect_super_weights(lm, prompt: str = DEFAULT_PROMPT,
         config={"prompt": prompt, "spike_threshold": spike_threshold,
                 "max_iterations": max_iterations, "confirm": confirm_candidates,
                 "confirm_ratio": confirm_ratio, "reference_tokens": reference_tokens,
-                "require_co_occurrence": require_co_occurrence,
+                "require_co_occurrence": require_co_occurrence, "moe_options": moe_options,
                 "dtype": str(lm.dtype).removeprefix("torch."), "device": str(lm.device)},
         candidates=candidates, groups=groups, iterations=iterations, reference=reference,
         published=catalog.compare(lm.name, candidates),

@@ -68,6 +68,7 @@ def super_weight_distribution(detection: dict, path=None):
         right.axvline(detection["config"]["confirm_ratio"], color="red", linestyle="--",
                       linewidth=1, label="confirmation ratio")
         right.axvline(1.0, color="black", linewidth=0.8)
+        right.set_xlim(min(0.95, min(ratios) - 0.02), max(ratios) * 1.03)
         right.invert_yaxis()
         right.set_xlabel("loss ratio when zeroed alone (reference text)")
         right.set_title("causal confirmation (red: confirmed)")
