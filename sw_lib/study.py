@@ -355,3 +355,55 @@ def write_json(path: str | Path, data: dict) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+# --- detection input and tables (what the notebooks show) ----------------------------------
+
+
+def find_detection_json(output_dir: str | Path, detection_json: str | Path | None = None) -> Path:
+    """The detection JSON to read: the given path, else the latest data/detection_*.json."""
+    if detection_json:
+        path = Path(detection_json)
+        if not path.is_file():
+            raise FileNotFoundError(f"detection JSON '{path}' does not exist; run "
+                                    "01_detection first or pass detection_json=None")
+        return path
+    found = sorted(Path(output_dir, "data").glob("detection_*.json"))
+    if not found:
+        raise FileNotFoundError(f"no data/detection_*.json under '{output_dir}'; run "
+                                "01_detection first or pass detection_json")
+    return found[-1]  # timestamps YYYYMMDD_HHMMSS sort in time order
+
+
+def load_detection(path: str | Path) -> dict:
+    """Read a detection JSON; its `super_weights` list is what the studies ablate."""
+    detection = json.loads(Path(path).read_text())
+    if not isinstance(detection.get("super_weights"), list):
+        raise ValueError(f"'{path}' is not a detection JSON: it has no 'super_weights' list")
+    return detection
+
+
+def perplexity_rows(analyses: Sequence[dict]) -> list[dict]:
+    """One row per condition: label, baseline/modified perplexity, ratio, severity."""
+    rows = []
+    for a in analyses:
+        p = a.get("perplexity_impact")
+        if p:
+            rows.append({"condition": a["label"], "baseline": p["baseline_perplexity"],
+                         "modified": p["modified_perplexity"], "ratio": p["perplexity_ratio"],
+                         "severity": p["impact_severity"]})
+    return rows
+
+
+def accuracy_rows(analyses: Sequence[dict]) -> list[dict]:
+    """One row per (condition, task): primary metric before/after, drop, paired 95% CI."""
+    rows = []
+    for a in analyses:
+        for task, i in (a.get("accuracy_impacts") or {}).items():
+            ci = i["paired_difference"]["ci95"]
+            rows.append({"condition": a["label"], "task": task, "metric": i["primary_metric"],
+                         "n": i["n_samples"], "baseline": i["baseline_accuracy"],
+                         "modified": i["modified_accuracy"], "drop": i["accuracy_drop"],
+                         "change 95% CI": "n/a" if ci is None else f"[{ci[0]:+.3f}, {ci[1]:+.3f}]",
+                         "severity": i["impact_severity"]})
+    return rows

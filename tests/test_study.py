@@ -170,3 +170,136 @@ def test_write_json_is_strict_and_atomic(tmp_path):
         "a": None, "b": 1.5, "c": [{"layer": 1, "row": 2, "column": 3, "expert": None,
                                     "shared": False, "scale": 0.0}]}
     assert [p.name for p in path.parent.iterdir()] == ["x.json"]  # no temporary file left
+
+
+# --- a study on a tiny model with planted super weights ------------------------------------
+
+PROMPT = "Apple Inc. is a worldwide tech company."
+PLANTED = [_w(1, 5, 7), _w(2, 11, 20), _w(2, 13, 20)]  # the last two share column 20
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    """The real SmolLM2 tokenizer, read from the default model's dequantized cache folder."""
+    from transformers import AutoTokenizer
+
+    from sw_lib import models
+
+    folder = models._gguf_cache_dir(models.locate_alias(models.DEFAULT_MODEL))
+    if not (folder / "config.json").is_file():
+        models.load_model()  # builds the cache once (about 20 s)
+    return AutoTokenizer.from_pretrained(folder)
+
+
+def _planted_model(tokenizer):
+    from sw_lib.tiny import plant_super_weight, tiny_model
+
+    model = tiny_model("llama", vocab_size=len(tokenizer))
+    ids = tokenizer(PROMPT, return_tensors="pt").input_ids
+    plant_super_weight(model, 1, 5, 7, ids)
+    plant_super_weight(model, 2, 11, 20, ids, extra_rows={13: -4.0})
+    return model
+
+
+@pytest.fixture(scope="module")
+def planted(tokenizer):
+    from sw_lib.models import from_model
+
+    return from_model(_planted_model(tokenizer), tokenizer, name="tiny-planted")
+
+
+SETTINGS = dict(perplexity_samples=2, seq_len=32, accuracy_samples=4, accuracy_tasks=("arc_easy",),
+                batch_size=4, progress=False)
+
+
+def _zeroed_copy(lm, weights):
+    """A separate model whose weights are zeroed by hand (the brute-force reference)."""
+    from sw_lib.models import from_model
+
+    model = copy.deepcopy(lm.model)
+    with torch.no_grad():
+        for w in weights:
+            model.model.layers[w["layer"]].mlp.down_proj.weight[w["row"], w["column"]] = 0.0
+    return from_model(model, lm.tokenizer, name="tiny-zeroed")
+
+
+def _reference(lm, settings):
+    """Perplexity and arc_easy of `lm` evaluated directly, without any cache."""
+    from sw_lib import evaluate
+
+    ppl = evaluate.perplexity(lm, seq_len=settings.seq_len, n_windows=settings.perplexity_samples,
+                              batch_size=settings.batch_size, cache=False, progress=False)
+    task = evaluate.run_task(lm, "arc_easy", n_samples=settings.accuracy_samples, cache=False,
+                             batch_size=settings.batch_size, progress=False)
+    return ppl, task
+
+
+def test_individual_and_combined_equal_brute_force_zeroing(planted, tmp_path):
+    from sw_lib.evaluate import EvalCache
+
+    before = {k: v.clone() for k, v in planted.model.state_dict().items()}
+    settings = study.StudySettings(**SETTINGS)
+    cache = EvalCache(tmp_path / "eval")
+    baseline = study.evaluate_condition(planted, [], settings, cache)
+    individual = study.individual_ablation(planted, PLANTED, settings, cache=cache,
+                                           baseline=baseline)
+    combined = study.combined_ablation(planted, PLANTED, settings, cache=cache, baseline=baseline)
+
+    # The baseline was evaluated once: 4 conditions, every item computed, nothing looked up twice.
+    per_condition = settings.perplexity_samples + settings.accuracy_samples
+    assert cache.hits == 0 and cache.misses == 5 * per_condition
+
+    conditions = [(a, a["super_weight"] and [a["super_weight"]]) for a in individual["analyses"]]
+    conditions.append((combined, PLANTED))
+    for result, weights in conditions:
+        ref_ppl, ref_task = _reference(_zeroed_copy(planted, weights), settings)
+        impact = result["perplexity_impact"]
+        assert impact["modified_perplexity"] == pytest.approx(ref_ppl["perplexity"], rel=1e-5)
+        assert impact["baseline_perplexity"] == pytest.approx(baseline.perplexity["perplexity"])
+        acc = result["accuracy_impacts"]["arc_easy"]
+        assert acc["modified_accuracy"] == ref_task["metrics"]["acc_norm"]["value"]
+        assert acc["metrics"]["acc"]["modified"]["value"] == ref_task["metrics"]["acc"]["value"]
+        assert acc["n_samples"] == 4
+
+    # Zeroing a planted weight changes the model's outputs; all together more than the first.
+    ratios = [a["perplexity_impact"]["perplexity_ratio"] for a in individual["analyses"]]
+    assert all(abs(math.log(r)) > 1e-3 for r in ratios), ratios
+    assert combined["perplexity_impact"]["perplexity_ratio"] != pytest.approx(ratios[0])
+    assert [a["label"] for a in individual["analyses"]] == ["L1 [5, 7]", "L2 [11, 20]",
+                                                            "L2 [13, 20]"]
+    # Every scalar is bit-identical after the study.
+    after = planted.model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+    # A rerun finds everything in the cache and computes nothing.
+    hits = cache.hits
+    again = study.individual_ablation(planted, PLANTED, settings, cache=cache)
+    assert cache.misses == 5 * per_condition and cache.hits == hits + 4 * per_condition
+    assert again["analyses"][1]["perplexity_impact"] == individual["analyses"][1]["perplexity_impact"]
+
+
+def test_group_unit_zeroes_the_whole_column(planted, tmp_path):
+    settings = study.StudySettings(**{**SETTINGS, "skip_accuracy": True})
+    result = study.individual_ablation(planted, PLANTED, settings, unit="group",
+                                       cache=tmp_path / "eval")
+    assert [a["label"] for a in result["analyses"]] == ["L1 [5, 7]", "L2 [11/13, 20]"]
+    group = result["analyses"][1]
+    assert group["group"]["rows"] == [11, 13] and len(group["super_weights"]) == 2
+    assert "super_weight" not in group and group["accuracy_impacts"] == {}
+    ref_ppl, _ = _reference(_zeroed_copy(planted, PLANTED[1:]), study.StudySettings(**SETTINGS))
+    assert group["perplexity_impact"]["modified_perplexity"] == pytest.approx(
+        ref_ppl["perplexity"], rel=1e-5)
+
+
+def test_skips_and_empty_weights(planted, tmp_path):
+    from sw_lib.evaluate import EvalCache
+
+    cache = EvalCache(tmp_path / "eval")
+    settings = study.StudySettings(**{**SETTINGS, "skip_perplexity": True})
+    result = study.combined_ablation(planted, PLANTED[:1], settings, cache=cache)
+    assert result["perplexity_impact"] is None and list(result["accuracy_impacts"]) == ["arc_easy"]
+    assert cache.misses == 2 * settings.accuracy_samples  # no perplexity window was evaluated
+
+    nothing = study.combined_ablation(planted, [], settings, cache=cache)
+    assert nothing["super_weights"] == [] and nothing["perplexity_impact"] is None
+    assert nothing["accuracy_impacts"] == {} and cache.misses == 2 * settings.accuracy_samples
