@@ -1,11 +1,11 @@
 """Parameter sets: YAML files merged over the embedded default, validated field by field.
 
-`params/default.yaml` (shipped in the package as `sw_lib/params/default.yaml`) is both the
-default analysis and the schema: a params file may only use its keys (plus the few optional
-ones in OPTIONAL). Values are merged in this order: defaults <- params file <- command-line
-flags; every value is then checked, and a bad one raises `ConfigError` with a one-line message
-naming where it came from (`--spike-threshold` or `my.yaml: detection.spike_threshold`) and
-what is allowed.
+`params/default.yaml` (read from the source checkout when there is one, else the copy shipped
+as `sw_lib/params/default.yaml`) is both the default analysis and the schema: a params file
+may only use its keys (plus the few optional ones in OPTIONAL). Values are merged in this
+order: defaults <- params file <- command-line flags; every value is then checked, and a bad
+one raises `ConfigError` with a one-line message naming where it came from (`--spike-threshold`
+or `my.yaml: detection.spike_threshold`) and what is allowed.
 """
 from __future__ import annotations
 
@@ -38,9 +38,15 @@ class ConfigError(ValueError):
 # --- the default -----------------------------------------------------------------------------
 
 
-def default_params_path() -> Path:
-    """The packaged copy of params/default.yaml."""
+def packaged_params_path() -> Path:
+    """The copy of params/default.yaml shipped inside the package."""
     return Path(str(resources.files("sw_lib") / "params" / "default.yaml"))
+
+
+def default_params_path() -> Path:
+    """params/default.yaml of the source checkout when there is one, else the packaged copy."""
+    checkout = Path(__file__).resolve().parents[1] / "params" / "default.yaml"
+    return checkout if checkout.is_file() else packaged_params_path()
 
 
 def defaults() -> dict:
@@ -130,8 +136,8 @@ def _number(low: float, high: float | None = None, low_open: bool = False):
         ok = (isinstance(v, (int, float)) and not isinstance(v, bool)
               and (v > low if low_open else v >= low) and (high is None or v <= high))
         if not ok:
-            bound = (f"in [{low}, {high}]" if high is not None
-                     else f"{'>' if low_open else '>='} {low}")
+            bound = (f"in [{low:g}, {high:g}]" if high is not None
+                     else f"{'>' if low_open else '>='} {low:g}")
             raise ValueError(f"a number {bound}")
         return float(v)
     return check
@@ -170,7 +176,7 @@ def _tasks(v):
         raise ValueError(f"a list of tasks from: {' '.join(TASKS)}")
     unknown = [t for t in v if t not in TASKS]
     if unknown:
-        raise ValueError(f"tasks from: {' '.join(TASKS)} (unknown: {' '.join(unknown)})")
+        raise ValueError(f"a list of tasks from: {' '.join(TASKS)} (unknown: {' '.join(unknown)})")
     return list(dict.fromkeys(v))  # drop repeats, keep order
 
 
@@ -273,13 +279,14 @@ def load(params_file: str | Path | None = None, overrides: dict[str, Any] | None
          flag_names: dict[str, str] | None = None) -> dict:
     """Defaults <- `params_file` <- `overrides` (dotted keys, e.g. from flags), validated.
 
+    Every key in `overrides` applies, None included (a count of None means all items).
     `flag_names` maps dotted keys to the flags that set them, so errors name the flag.
     """
     params = defaults()
     from_file: dict = {}
     if params_file is not None:
         from_file = read_yaml(params_file)
-    overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
+    overrides = dict(overrides or {})
     flag_names = flag_names or {}
     file_keys = set(_leaves(from_file)) | set(from_file)
 
