@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 import time
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field
@@ -322,39 +320,6 @@ def combined_ablation(lm, weights: Sequence[dict], settings: StudySettings | Non
     result["baseline"] = summarize(baseline)
     result["seconds"] = condition.seconds
     return result
-
-
-# --- JSON ----------------------------------------------------------------------------------
-
-
-def jsonable(obj):
-    """Plain JSON values (non-finite floats become None, WeightEdits dicts)."""
-    if isinstance(obj, dict):
-        return {str(k): jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [jsonable(v) for v in obj]
-    if isinstance(obj, WeightEdit):
-        return obj.to_dict()
-    if isinstance(obj, (np.integer,)):
-        return int(obj)
-    if isinstance(obj, (float, np.floating)):
-        return float(obj) if math.isfinite(obj) else None
-    return obj
-
-
-def write_json(path: str | Path, data: dict) -> Path:
-    """Write `data` as JSON atomically (temporary file in the same folder, then os.replace)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(jsonable(data), f, indent=2, allow_nan=False)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
 
 
 # --- detection input and tables (what the notebooks show) ----------------------------------

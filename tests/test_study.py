@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import copy
-import json
 import math
 
 import numpy as np
@@ -161,15 +160,6 @@ def test_settings_from_params_and_per_task_sizes():
     assert s.tasks() == ("mmlu", "gsm8k")
     s.skip_accuracy = True
     assert s.tasks() == ()
-
-
-def test_write_json_is_strict_and_atomic(tmp_path):
-    path = tmp_path / "sub" / "x.json"
-    study.write_json(path, {"a": math.inf, "b": np.float32(1.5), "c": [WeightEdit(1, 2, 3)]})
-    assert json.loads(path.read_text()) == {
-        "a": None, "b": 1.5, "c": [{"layer": 1, "row": 2, "column": 3, "expert": None,
-                                    "shared": False, "scale": 0.0}]}
-    assert [p.name for p in path.parent.iterdir()] == ["x.json"]  # no temporary file left
 
 
 # --- a study on a tiny model with planted super weights ------------------------------------
