@@ -125,3 +125,20 @@ def test_real_default_model_super_weights(smol):
     by_coord = {(c["layer"], c["row"], c["column"]): c for c in result.candidates}
     assert by_coord[(11, 507, 1229)]["loss_ratio"] > 1.5
     assert all(c["co_occurs"] and c["output_token"] == 0 for c in result.super_weights)
+
+
+@pytest.mark.slow
+def test_zeroing_the_default_models_super_weights_multiplies_perplexity(smol):
+    from sw_lib import ablate
+    from sw_lib.evaluate import perplexity
+
+    weights = [(2, 507, 90), (9, 507, 200), (11, 507, 1229)]
+    base = perplexity(smol, seq_len=512, n_windows=2, cache=False, progress=False)
+    zeroed = perplexity(smol, ablate.zero(weights), seq_len=512, n_windows=2, cache=False,
+                        progress=False)
+    assert zeroed["perplexity"] / base["perplexity"] >= 5.0
+    # The strongest one alone already does most of it.
+    alone = perplexity(smol, ablate.zero([(11, 507, 1229)]), seq_len=512, n_windows=2,
+                       cache=False, progress=False)
+    assert alone["perplexity"] / base["perplexity"] >= 3.0
+    print(base["perplexity"], alone["perplexity"], zeroed["perplexity"])
