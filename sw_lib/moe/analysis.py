@@ -6,11 +6,7 @@ p_active from the same texts), and optionally their causal scores.
 """
 from __future__ import annotations
 
-import json
-import os
-import tempfile
 import time
-from pathlib import Path
 
 from .. import arch
 from .capture import run_batches
@@ -24,10 +20,11 @@ SCHEMA = "sw-moe/1"
 DEFAULT_PROMPT = "Apple Inc. is a worldwide tech company."
 
 
-def route_texts(lm, num_texts: int = 32, tokens_per_text: int = 128,
-                batch_size: int = 8) -> tuple[RoutingStats, ExpertMaxima, dict]:
-    """One pass over the first `num_texts` WikiText-2 paragraphs: routing and expert maxima."""
-    ids = text_ids(lm.tokenizer, num_texts, tokens_per_text)
+def route_texts(lm, num_texts: int = 32, tokens_per_text: int = 128, batch_size: int = 8,
+                texts: list[str] | None = None) -> tuple[RoutingStats, ExpertMaxima, dict]:
+    """One pass over the first `num_texts` WikiText-2 paragraphs (or of `texts`) that have
+    `tokens_per_text` tokens: routing statistics and expert maxima."""
+    ids = text_ids(lm.tokenizer, num_texts, tokens_per_text, texts)
     routing, maxima = RoutingStats(), ExpertMaxima()
 
     def on_pass(p):
@@ -35,7 +32,8 @@ def route_texts(lm, num_texts: int = 32, tokens_per_text: int = 128,
         maxima(p)
 
     run_batches(lm.model, ids.split(batch_size), on_pass, progress="routing texts")
-    texts = {"source": "wikitext-2-raw-v1/test paragraphs", "count": int(ids.shape[0]),
+    source = "wikitext-2-raw-v1/test paragraphs" if texts is None else "given texts"
+    texts = {"source": source, "count": int(ids.shape[0]),
              "tokens_per_text": int(ids.shape[1])}
     return routing, maxima, texts
 
@@ -91,19 +89,3 @@ def moe_analysis(lm, router_analysis_samples: int = 32, prompt: str = DEFAULT_PR
                         "detection_seconds": detection_seconds,
                         "causal_seconds": time.perf_counter() - start})
 
-
-def write_json_atomic(path: str | Path, data: dict) -> Path:
-    """Write `data` as JSON to `path` via a temporary file and a rename (never half-written);
-    NaN/inf are refused so the file is strict JSON."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    text = json.dumps(data, indent=2, allow_nan=False)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path

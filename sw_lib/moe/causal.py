@@ -70,6 +70,22 @@ def _spread(ratios: list[float]) -> dict:
             "min": min(ratios), "max": max(ratios), "ratios": ratios}
 
 
+def random_controls(model: nn.Module, super_experts: list[dict], seeds: int) -> list[list[dict]]:
+    """Per seed 0..seeds-1: for each super expert, a random routed expert of its layer that is
+    not itself a super expert (deterministic given the seed)."""
+    protected = {(s["layer"], s["expert"]) for s in super_experts if not s["shared"]}
+    controls = []
+    for seed in range(seeds):
+        rng = random.Random(seed)
+        picks = []
+        for s in super_experts:
+            pool = [e for e in range(arch.num_experts(model, s["layer"]))
+                    if (s["layer"], e) not in protected]
+            picks.append({"layer": s["layer"], "expert": rng.choice(pool), "shared": False})
+        controls.append(picks)
+    return controls
+
+
 def score_super_experts(lm, super_experts: list[dict], seeds: int = 5,
                         reference_tokens: int = 512, ids: torch.Tensor | None = None) -> dict:
     """Loss ratio of skipping each super expert, and all of them together, against skipping
@@ -83,16 +99,7 @@ def score_super_experts(lm, super_experts: list[dict], seeds: int = 5,
         with experts_skipped(model, experts):
             return reference_loss(model, ids) / baseline
 
-    protected = {(s["layer"], s["expert"]) for s in super_experts if not s["shared"]}
-    controls = []  # per seed: one random expert per super expert
-    for seed in range(seeds):
-        rng = random.Random(seed)
-        picks = []
-        for s in super_experts:
-            pool = [e for e in range(arch.num_experts(model, s["layer"]))
-                    if (s["layer"], e) not in protected]
-            picks.append({"layer": s["layer"], "expert": rng.choice(pool), "shared": False})
-        controls.append(picks)
+    controls = random_controls(model, super_experts, seeds)
     experts = []
     for i, s in enumerate(super_experts):
         key = {"layer": s["layer"], "expert": s["expert"], "shared": s["shared"]}

@@ -37,10 +37,11 @@ def text_ids(tokenizer, num_texts: int, tokens_per_text: int = 128,
              texts: list[str] | None = None) -> torch.Tensor:
     """[num_texts, tokens_per_text] ids: the first paragraphs (of `texts`, default WikiText-2)
     that have at least `tokens_per_text` tokens, each cut to exactly that many (no padding, so
-    every routed token is a real one and position 0 is each text's first token)."""
+    every routed token is a real one). Tokenized as the model expects, so position 0 is the
+    BOS token where the tokenizer adds one, else each text's first token: the attention sink."""
     rows = []
     for text in texts if texts is not None else wikitext_paragraphs():
-        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        ids = tokenizer(text)["input_ids"]
         if len(ids) >= tokens_per_text:
             rows.append(ids[:tokens_per_text])
         if len(rows) == num_texts:
@@ -56,7 +57,7 @@ def reference_ids(tokenizer, num_tokens: int = 512) -> torch.Tensor:
     raw = wikitext_raw()
     chars = num_tokens * 8
     while True:
-        ids = tokenizer(raw[:chars], add_special_tokens=False)["input_ids"]
+        ids = tokenizer(raw[:chars])["input_ids"]
         if len(ids) > num_tokens or chars >= len(raw):
             return torch.tensor([ids[:num_tokens]], dtype=torch.long)
         chars *= 2
