@@ -1,0 +1,98 @@
+"""`run_task`: evaluate one condition (model + weight edits) on one task, reusing the cache.
+
+Flow: pick the items (sw_lib.data), look their results up in the cache, build and score only
+the missing ones with the edits applied (restored afterwards), store them, then aggregate
+every metric with its standard error over the selected items.
+"""
+from __future__ import annotations
+
+import time
+
+from tqdm.auto import tqdm
+
+from .. import ablate, data
+from . import cache as cache_mod
+from . import generation, multiple_choice
+from .stats import summarize
+from .tasks import TaskSpec, fewshot_rows, get_task
+
+
+def _check_shots(spec: TaskSpec, shots: int | None) -> int:
+    shots = spec.default_shots if shots is None else int(shots)
+    if shots < 0:
+        raise ValueError(f"shots must be >= 0, got {shots}")
+    if shots and spec.fewshot_split is None:
+        raise ValueError(f"task '{spec.name}' supports only 0-shot here (its few-shot split is "
+                         "not bundled); use shots=0")
+    return shots
+
+
+def build_requests(spec: TaskSpec, items: list[tuple[int, dict]], shots: int,
+                   source: str = "bundled") -> list:
+    pool = data.load_split(spec.fewshot_split, source) if shots else []
+    return [spec.build(row, doc_id, fewshot_rows(spec, row, shots, pool)) for doc_id, row in items]
+
+
+def _compute(lm, spec: TaskSpec, requests: list, batch_size: int, progress: bool,
+             label: str) -> dict[str, dict]:
+    """Per-item results of `requests` (edits already applied by the caller)."""
+    bar = tqdm(total=len(requests), desc=label, unit="item", disable=not progress)
+    try:
+        if spec.output == "multiple_choice":
+            encoded = [multiple_choice.encode_request(lm.tokenizer, r) for r in requests]
+            sums = multiple_choice.choice_loglikelihoods(lm.model, encoded, batch_size, bar.update)
+            return {str(r.doc_id): multiple_choice.item_result(r, sums[r.doc_id], spec.metrics)
+                    for r in requests}
+        texts = generation.generate(lm.model, lm.tokenizer, requests, spec.until,
+                                    spec.max_gen_toks, batch_size, bar.update)
+        return {str(r.doc_id): generation.item_result(r, texts[r.doc_id], spec.metrics)
+                for r in requests}
+    finally:
+        bar.close()
+
+
+def run_task(lm, task: str | TaskSpec, n_samples: int | None = None, edits=(), cache=None,
+             shots: int | None = None, batch_size: int = 8, progress: bool = True,
+             source: str = "bundled") -> dict:
+    """Evaluate `lm` with `edits` applied on the first `n_samples` items of `task`.
+
+    task: a name in TASKS or a TaskSpec; shots: None = the task's default (MMLU 0, GSM8K 5);
+    cache: None = EvalCache.default(), False = no cache, or an EvalCache / folder.
+    """
+    start_time = time.perf_counter()
+    spec = get_task(task)
+    shots = _check_shots(spec, shots)
+    edits = list(edits)
+    selection = data.select_items(spec.split, n_samples, source)
+    store = cache_mod.resolve(cache)
+    key = cache_mod.condition_key(lm, ablate.edits_key(edits),
+                                  {**spec.key(shots), "source": source})
+    found, missing_ids = (store.lookup(key, selection.doc_ids) if store
+                          else ({}, selection.doc_ids))
+
+    computed: dict[str, dict] = {}
+    if missing_ids:
+        missing = set(missing_ids)
+        requests = build_requests(spec, [it for it in selection.items if it[0] in missing],
+                                  shots, source)
+        label = f"{spec.name} ({len(edits)} edits)" if edits else f"{spec.name} (baseline)"
+        with ablate.edited(lm.model, edits):
+            computed = _compute(lm, spec, requests, batch_size, progress, label)
+        if store:
+            store.store(key, computed)
+
+    results = {**found, **computed}
+    per_item = [results[str(doc_id)] for doc_id in selection.doc_ids]
+    metrics = {m: summarize([item["correct"][m] for item in per_item]) for m in spec.metrics}
+    seconds = time.perf_counter() - start_time
+    return {
+        "task": spec.name, "primary_metric": spec.primary_metric, "metrics": metrics,
+        "n_samples": len(per_item), "n_requested": n_samples, "capped": selection.capped,
+        "per_item": per_item,
+        "edits": [e.to_dict() for e in edits],
+        "info": {**selection.summary(), "shots": shots, "protocol_version": spec.version,
+                 "description": spec.description, "computed_items": len(computed),
+                 "cached_items": len(found), "seconds": seconds,
+                 "items_per_second": len(computed) / seconds if computed and seconds else None,
+                 "cache": str(store.path(key)) if store else None},
+    }

@@ -1,0 +1,118 @@
+"""WikiText-2 perplexity in the "gptq" convention (DESIGN section 6).
+
+The hub rows are joined with "\\n\\n" and tokenized once (the tokenizer's default special
+tokens, as the convention's `tokenizer(text)` call does); the token stream is cut into
+non-overlapping windows of `seq_len` tokens (capped by the model's context), the remainder
+dropped. Each window predicts its tokens 2..seq_len, so perplexity = exp(total NLL / total
+predicted tokens) = exp(mean per-window loss), as in the GPTQ code.
+
+`n_windows=N` evaluates N windows spread evenly over the text: window indices
+floor(i * total / N) for i = 0..N-1 (N >= total takes every window). Evenly spread windows
+cover the whole test set, unlike the first N, and are the same on every run.
+"""
+from __future__ import annotations
+
+import math
+import time
+
+import torch
+from tqdm.auto import tqdm
+
+from .. import ablate, data
+from . import cache as cache_mod
+from . import forward
+from .multiple_choice import max_length
+
+PROTOCOL = {"name": "wikitext-2-raw-v1/test", "convention": "gptq", "joiner": "\n\n",
+            "window_selection": "evenly spaced", "version": 1}
+
+_TOKENS: dict[tuple, list[int]] = {}  # tokenized text per (tokenizer, text source)
+
+
+def tokens_of(tokenizer, text: str | None, source: str) -> list[int]:
+    """Token ids of the joined WikiText-2 rows (or of `text`), memoised per tokenizer."""
+    key = (id(tokenizer), source if text is None else ("text", text))
+    if key not in _TOKENS:
+        joined = "\n\n".join(data.wikitext_rows(source)) if text is None else text
+        _TOKENS[key] = tokenizer(joined).input_ids
+    return _TOKENS[key]
+
+
+def window_indices(total: int, n: int | None) -> list[int]:
+    if n is None or n >= total:
+        return list(range(total))
+    if n < 1:
+        raise ValueError(f"n_windows must be at least 1, got {n}")
+    return [i * total // n for i in range(n)]
+
+
+@torch.no_grad()
+def window_nll(model, windows: torch.Tensor) -> list[float]:
+    """Summed next-token NLL of each row of `windows` [B, L] (L - 1 predictions per row)."""
+    device = next(model.parameters()).device
+    windows = windows.to(device)
+    if forward.fast_path_ok(model):
+        hidden = forward.decoder(model)(input_ids=windows, use_cache=False).last_hidden_state
+        b, length, h = hidden.shape
+        logp = forward.token_logprobs(model, hidden[:, :-1].reshape(-1, h),
+                                      windows[:, 1:].reshape(-1))
+        return (-logp.double().view(b, length - 1).sum(dim=1)).tolist()
+    logits = model(input_ids=windows).logits[:, :-1].float()
+    logp = torch.log_softmax(logits, dim=-1).gather(2, windows[:, 1:, None])[..., 0]
+    return (-logp.double().sum(dim=1)).tolist()
+
+
+def perplexity(lm, edits=(), seq_len: int = 2048, n_windows: int | None = None,
+               batch_size: int = 1, cache=None, progress: bool = True, source: str = "bundled",
+               text: str | None = None) -> dict:
+    """Perplexity of `lm` (with `edits` applied) on WikiText-2 test, or on `text` if given.
+
+    cache: None = EvalCache.default(), False = no cache, or an EvalCache / folder.
+    """
+    start_time = time.perf_counter()
+    edits = list(edits)
+    seq_len = min(seq_len, max_length(lm.model))
+    tokens = tokens_of(lm.tokenizer, text, source)
+    total = len(tokens) // seq_len
+    if total == 0:
+        raise ValueError(f"the text has {len(tokens)} tokens, fewer than one window of {seq_len}")
+    chosen = window_indices(total, n_windows)
+    name = PROTOCOL["name"] if text is None else "custom text"
+    task_key = {**PROTOCOL, "name": "perplexity" if text is None else "perplexity-text",
+                "seq_len": seq_len, "total_tokens": len(tokens), "source": source,
+                "text_digest": None if text is None else cache_mod.digest(text)}
+    store = cache_mod.resolve(cache)
+    key = cache_mod.condition_key(lm, ablate.edits_key(edits), task_key)
+    found, missing = store.lookup(key, chosen) if store else ({}, list(chosen))
+
+    computed: dict[str, dict] = {}
+    if missing:
+        bar = tqdm(total=len(missing), desc=f"perplexity ({len(edits)} edits)", unit="window",
+                   disable=not progress)
+        with ablate.edited(lm.model, edits):
+            for i in range(0, len(missing), batch_size):
+                batch = missing[i:i + batch_size]
+                windows = torch.tensor([tokens[w * seq_len:(w + 1) * seq_len] for w in batch])
+                for w, nll in zip(batch, window_nll(lm.model, windows)):
+                    computed[str(w)] = {"window": w, "nll": nll}
+                bar.update(len(batch))
+        bar.close()
+        if store:
+            store.store(key, computed)
+
+    results = {**found, **computed}
+    per_window = [results[str(w)]["nll"] for w in chosen]
+    n_tokens = len(chosen) * (seq_len - 1)
+    nll_sum = sum(per_window)
+    return {
+        "perplexity": math.exp(nll_sum / n_tokens), "nll_sum": nll_sum, "n_tokens": n_tokens,
+        "n_windows": len(chosen), "seq_len": seq_len, "per_window_nll": per_window,
+        "windows": chosen,
+        "dataset_info": {"name": name, "source": source, "total_tokens": len(tokens),
+                         "total_windows": total, "windows_used": len(chosen),
+                         "window_selection": "evenly spaced: floor(i * total / n)",
+                         "convention": "gptq: rows joined with \\n\\n, non-overlapping windows"},
+        "edits": [e.to_dict() for e in edits],
+        "info": {"seconds": time.perf_counter() - start_time, "computed_windows": len(computed),
+                 "cached_windows": len(found), "cache": str(store.path(key)) if store else None},
+    }

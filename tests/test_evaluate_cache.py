@@ -1,0 +1,119 @@
+"""The on-disk cache: a repeated evaluation runs no forward pass; any change of condition misses."""
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import assert_bit_identical, make_tiny, weights_snapshot
+
+from sw_lib.ablate import WeightEdit
+from sw_lib.evaluate import EvalCache, perplexity, run_task
+
+TEXT = " ".join(f"Sentence number {i} talks about super weights in language models." for i in range(12))
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+class ForwardCounter:
+    """Counts forward passes through the embedding layer (every evaluation path uses it)."""
+
+    def __init__(self, model):
+        self.calls = 0
+        self.handle = model.get_input_embeddings().register_forward_hook(self._hook)
+
+    def _hook(self, module, args, output):
+        self.calls += 1
+
+    def take(self) -> int:
+        calls, self.calls = self.calls, 0
+        return calls
+
+
+@pytest.fixture
+def lm(tokenizer):
+    return make_tiny("llama", tokenizer, seed=7)
+
+
+def test_second_identical_evaluation_runs_no_forward_pass(lm, tmp_path):
+    cache = EvalCache(tmp_path / "eval")
+    counter = ForwardCounter(lm.model)
+    first = run_task(lm, "arc_easy", 4, cache=cache, batch_size=2, progress=False)
+    assert counter.take() > 0 and first["info"]["computed_items"] == 4
+    again = run_task(lm, "arc_easy", 4, cache=cache, batch_size=2, progress=False)
+    assert counter.take() == 0
+    assert again["per_item"] == first["per_item"] and again["metrics"] == first["metrics"]
+    assert again["info"]["cached_items"] == 4 and cache.hits == 4 and cache.misses == 4
+
+    ppl = perplexity(lm, seq_len=16, n_windows=3, cache=cache, progress=False, text=TEXT)
+    assert counter.take() > 0
+    assert perplexity(lm, seq_len=16, n_windows=3, cache=cache, progress=False,
+                      text=TEXT)["perplexity"] == ppl["perplexity"]
+    assert counter.take() == 0
+
+    # More items: only the new ones are computed.
+    more = run_task(lm, "arc_easy", 6, cache=cache, batch_size=2, progress=False)
+    assert more["info"]["computed_items"] == 2 and more["per_item"][:4] == first["per_item"]
+    assert counter.take() > 0
+
+
+def test_a_different_edit_or_protocol_misses(lm, tmp_path):
+    cache = EvalCache(tmp_path / "eval")
+    counter = ForwardCounter(lm.model)
+    snapshot = weights_snapshot(lm.model)
+    base = run_task(lm, "arc_easy", 3, cache=cache, progress=False)
+    counter.take()
+
+    edit = [WeightEdit(layer=1, row=3, column=5, scale=0.0)]
+    zeroed = run_task(lm, "arc_easy", 3, edits=edit, cache=cache, progress=False)
+    assert counter.take() > 0 and zeroed["info"]["computed_items"] == 3
+    assert_bit_identical(lm.model, snapshot)  # the edit is undone after the evaluation
+    # A real edit of a real weight changes the log-likelihoods.
+    assert zeroed["per_item"][0]["loglikelihoods"] != base["per_item"][0]["loglikelihoods"]
+
+    other = [WeightEdit(layer=1, row=3, column=5, scale=2.0)]
+    run_task(lm, "arc_easy", 3, edits=other, cache=cache, progress=False)
+    assert counter.take() > 0
+    run_task(lm, "arc_easy", 3, edits=list(reversed(edit)), cache=cache, progress=False)
+    assert counter.take() == 0  # same edits: a hit
+    run_task(lm, "arc_challenge", 3, cache=cache, progress=False)
+    assert counter.take() > 0  # another task
+
+    # Identical weights give identical keys: a fresh copy of the model hits the same entries.
+    twin = make_tiny("llama", lm.tokenizer, seed=7)
+    assert twin.fingerprint == lm.fingerprint
+    twin_counter = ForwardCounter(twin.model)
+    assert run_task(twin, "arc_easy", 3, cache=cache, progress=False)["per_item"] == base["per_item"]
+    assert twin_counter.take() == 0
+    # Other weights miss (a folder given as a path works like an EvalCache).
+    different = make_tiny("llama", lm.tokenizer, seed=8)
+    different_counter = ForwardCounter(different.model)
+    run_task(different, "arc_easy", 3, cache=tmp_path / "eval", progress=False)
+    assert different_counter.take() > 0
+    # Files: model 1 x {baseline, zeroed, scaled} + model 2 x baseline.
+    assert len(list((tmp_path / "eval").glob("*/arc_easy/*.json"))) == 4
+
+
+def test_no_cache_and_default_location(lm, tmp_path, monkeypatch):
+    counter = ForwardCounter(lm.model)
+    run_task(lm, "arc_easy", 2, cache=False, progress=False)
+    run_task(lm, "arc_easy", 2, cache=False, progress=False)
+    assert counter.take() > 0
+    monkeypatch.setenv("SW_CACHE_DIR", str(tmp_path / "root"))
+    assert EvalCache.default().root == tmp_path / "root" / "eval"
+    result = run_task(lm, "arc_easy", 2, progress=False)  # cache=None: the default cache
+    assert result["info"]["cache"].startswith(str(tmp_path / "root" / "eval"))
+
+
+def test_damaged_cache_entry_is_recomputed(lm, tmp_path):
+    cache = EvalCache(tmp_path / "eval")
+    first = run_task(lm, "arc_easy", 2, cache=cache, progress=False)
+    path = next((tmp_path / "eval").glob("*/arc_easy/*.json"))
+    path.write_text("{not json")
+    counter = ForwardCounter(lm.model)
+    assert run_task(lm, "arc_easy", 2, cache=cache, progress=False)["per_item"] == first["per_item"]
+    assert counter.take() > 0
