@@ -14,16 +14,11 @@ from typing import Iterable, Iterator
 import torch
 from torch import nn
 
-from .. import ablate, arch
+from .. import ablate, arch, detect
 from .texts import reference_ids
 
-
-@torch.no_grad()
-def reference_loss(model: nn.Module, ids: torch.Tensor) -> float:
-    """Mean next-token negative log-likelihood of `ids` ([1, S]) in float32."""
-    ids = ids.to(next(model.parameters()).device)
-    logits = model(ids, use_cache=False).logits[0, :-1].float()
-    return float(torch.nn.functional.cross_entropy(logits, ids[0, 1:]))
+# Mean next-token negative log-likelihood of [1, S] ids in float32 (the dense detector's).
+reference_loss = detect.mean_loss
 
 
 @contextlib.contextmanager

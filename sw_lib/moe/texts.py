@@ -1,36 +1,20 @@
-"""The WikiText-2 texts the MoE analysis routes, and the short reference text for loss ratios.
+"""The WikiText-2 texts the MoE analysis routes, and the reference text for loss ratios.
 
-Reads the bundled raw WikiText-2 test file (sha256-checked against the package MANIFEST).
+Both come from the bundled, sha256-verified WikiText-2 test split (`sw_lib.data`); the reference
+text is the dense detector's (`sw_lib.detect.reference_ids`), so loss ratios of notebooks 01
+and 04 are measured on the same tokens.
 """
 from __future__ import annotations
 
-import functools
-import gzip
-import hashlib
-import json
-from pathlib import Path
-
 import torch
 
-DATA_DIR = Path(__file__).resolve().parent.parent / "data"
-WIKITEXT_KEY = "wikitext-2-raw-v1/test"
-
-
-@functools.lru_cache(maxsize=1)
-def wikitext_raw() -> str:
-    """The raw WikiText-2 test text (4358 lines), verified against MANIFEST.json."""
-    entry = json.loads((DATA_DIR / "MANIFEST.json").read_text())[WIKITEXT_KEY]
-    raw = gzip.decompress((DATA_DIR / entry["file"]).read_bytes())
-    if hashlib.sha256(raw).hexdigest() != entry["sha256_uncompressed"]:
-        raise ValueError(f"bundled {entry['file']} does not match its sha256 in MANIFEST.json; "
-                         "reinstall sw_lib")
-    return raw.decode("utf-8")
+from .. import data, detect
 
 
 def wikitext_paragraphs() -> list[str]:
-    """Article paragraphs in file order (headings ' = Title = ' and blank lines left out)."""
-    lines = (line.strip() for line in wikitext_raw().splitlines())
-    return [line for line in lines if line and not line.startswith("=")]
+    """Article paragraphs in file order (headings ' = Title = ' and blank rows left out)."""
+    rows = (row.strip() for row in data.wikitext_rows())
+    return [row for row in rows if row and not row.startswith("=")]
 
 
 def text_ids(tokenizer, num_texts: int, tokens_per_text: int = 128,
@@ -52,12 +36,5 @@ def text_ids(tokenizer, num_texts: int, tokens_per_text: int = 128,
 
 
 def reference_ids(tokenizer, num_tokens: int = 512) -> torch.Tensor:
-    """[1, num_tokens] ids: the start of WikiText-2 test (the short reference text for loss
-    ratios)."""
-    raw = wikitext_raw()
-    chars = num_tokens * 8
-    while True:
-        ids = tokenizer(raw[:chars])["input_ids"]
-        if len(ids) > num_tokens or chars >= len(raw):
-            return torch.tensor([ids[:num_tokens]], dtype=torch.long)
-        chars *= 2
+    """[1, num_tokens] ids: the start of WikiText-2 test, as the dense detector confirms with."""
+    return detect.reference_ids(tokenizer, num_tokens)
