@@ -9,7 +9,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sw_lib import ablate, arch, moe, tiny_moe
+from sw_lib import ablate, arch, detect, moe, tiny, tiny_moe
+from sw_lib.plots import moe as moe_plots
 from sw_lib.moe.super_weights import _reasons
 from conftest import assert_bit_identical, make_tiny, weights_snapshot
 
@@ -142,6 +143,24 @@ def test_p_active_sums_to_top_k_and_matches_brute_force(model_type, tokenizer, t
                                          for e in range(8)]
         entropy = -(probs * probs.log()).sum(-1).mean() / torch.log(torch.tensor(8.0))
         assert r["router_entropy"] == pytest.approx(entropy.item(), rel=1e-4)
+
+
+def test_routing_ignores_the_no_expert_marker(tokenizer):
+    """Expert parallelism marks "no local expert" with index E; it is not an expert."""
+    lm = make_tiny("mixtral", tokenizer)
+    experts = arch.experts(lm.model, 0)
+    p = moe.MoELayerPass(layer=0, seq_len=2, hidden=torch.zeros(4, 64),
+                         top_k_index=torch.tensor([[0, 8], [1, 0], [8, 8], [2, 0]]),
+                         top_k_weights=torch.tensor([[0.5, 0.5], [0.25, 0.75], [1.0, 0.0],
+                                                     [0.5, 0.5]]),
+                         router_logits=None, experts_module=experts)
+    stats = moe.RoutingStats()
+    stats(p)
+    (r,) = stats.to_list()
+    assert r["count"] == [3, 1, 1, 0, 0, 0, 0, 0] and r["tokens"] == 4
+    assert r["mean_weight"][:3] == [pytest.approx(1.75 / 3), 0.25, 0.5]
+    assert r["sink"]["p_routed"][:3] == [0.5, 0.0, 0.0] and r["sink"]["mean_weight"][0] == 0.5
+    assert r["router_entropy"] is None
 
 
 # --- planted expert super weights --------------------------------------------------------------
@@ -361,9 +380,24 @@ def test_random_controls_are_seeded_and_never_super_experts(tokenizer):
         all(picks[0]["expert"] != 0 for picks in spread)
 
 
-def test_dense_model_is_reported_not_routed(tokenizer):
+def test_dense_model_is_reported_not_routed(tokenizer, tmp_path):
     lm = make_tiny("llama", tokenizer)
     result = moe.moe_analysis(lm, router_analysis_samples=2)
     assert result["is_moe"] is False and result["routing"] == []
     with pytest.raises(ValueError, match="no mixture-of-experts layers"):
         moe.detect_expert_super_weights(lm, PROMPT)
+    moe_plots.moe_analysis_figure(result, tmp_path / "moe_analysis.png")
+    assert (tmp_path / "moe_analysis.png").stat().st_size > 1000
+
+
+def test_dense_detector_takes_in_expert_super_weights(tokenizer, ids):
+    """DeepSeek: the dense first layer is the dense detector's, the MoE layers this module's;
+    both land in one candidate list and are confirmed through the same ablation path."""
+    lm = make_tiny("deepseek_v3", tokenizer)
+    tiny.plant_super_weight(lm.model, 0, row=3, column=4, input_ids=ids)
+    planted = _plant(lm, ids) | {(0, None, False, 3, 4)}
+    snapshot = weights_snapshot(lm.model)
+    found = detect.detect_super_weights(lm, PROMPT, reference_tokens=32, progress=False)
+    assert _coords(found.candidates) == planted
+    assert all(c["loss_ratio"] > 0 for c in found.candidates)
+    assert_bit_identical(lm.model, snapshot)

@@ -32,19 +32,23 @@ class RoutingStats:
         s = self._layer(p)
         num_experts = p.num_experts
         index = p.top_k_index.cpu()
-        weights = p.top_k_weights.cpu().double()
+        # Expert-parallel setups mark "no local expert" with index E: count only real experts.
+        weights = (p.top_k_weights.cpu().double() * (index < num_experts)).flatten()
+        flat = index.flatten().clamp_max(num_experts - 1)
         s["tokens"] += index.shape[0]
         s["count"] += torch.bincount(index.flatten(), minlength=num_experts)[:num_experts].double()
-        s["weight_sum"].index_add_(0, index.flatten(), weights.flatten())
+        s["weight_sum"].index_add_(0, flat, weights)
         probs = p.router_probabilities()
         if probs is not None:
             entropy = -(probs * probs.clamp_min(1e-30).log()).sum(dim=-1) / math.log(num_experts)
             s["entropy_sum"] += float(entropy.double().sum())
             s["entropy_tokens"] += entropy.numel()
         sink = torch.arange(0, index.shape[0], p.seq_len)
+        sink_index = index[sink].flatten()
         s["sink_seen"] += sink.numel()
-        s["sink_count"] += torch.bincount(index[sink].flatten(), minlength=num_experts)[:num_experts].double()
-        s["sink_weight_sum"].index_add_(0, index[sink].flatten(), weights[sink].flatten())
+        s["sink_count"] += torch.bincount(sink_index, minlength=num_experts)[:num_experts].double()
+        s["sink_weight_sum"].index_add_(0, sink_index.clamp_max(num_experts - 1),
+                                        weights.view_as(index)[sink].flatten())
 
     def p_active(self, layer: int) -> list[float]:
         s = self.layers[layer]
