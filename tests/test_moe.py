@@ -209,7 +209,8 @@ def test_further_rows_of_the_same_column_appear_in_later_iterations(tokenizer, i
     assert scan["super_weights"][1]["output_value"] == pytest.approx(800.0, rel=0.01)
     assert [it["new"] for it in scan["iterations"]] == [[[1, 3, False, 7, 5]],
                                                         [[1, 3, False, 20, 5]], []]
-    assert moe.expert_super_weight_scan(lm, PROMPT, max_iterations=1)["super_weights"][0]["row"] == 7
+    once = moe.expert_super_weight_scan(lm, PROMPT, max_iterations=1)
+    assert [w["row"] for w in once["super_weights"]] == [7]
 
 
 def test_co_spike_threshold_is_the_share_of_one_product(tokenizer, ids):
@@ -282,8 +283,8 @@ def test_planted_super_expert_is_flagged_over_texts(model_type, tokenizer, ids):
     (flagged,) = rule["flagged"]
     assert (flagged["layer"], flagged["expert"], flagged["shared"]) == (layer, 3, False)
     assert flagged["output_channel"] == 7 and flagged["input_channel"] == 5
-    assert flagged["output_position"] == 0 and flagged["max_output"] == pytest.approx(1200, rel=0.01)
-    assert set(range(6)) >= {flagged["output_text"]}
+    assert flagged["output_position"] == 0 and flagged["output_text"] in range(6)
+    assert flagged["max_output"] == pytest.approx(1200, rel=0.01)
     assert routing.layers[layer]["sink_count"][3] == 6  # every text's first token goes to it
 
 

@@ -20,6 +20,7 @@ from .texts import reference_ids, text_ids, wikitext_paragraphs
 __all__ = [
     "DEFAULT_PROMPT", "SCHEMA", "ExpertMaxima", "MoELayerPass", "RoutingStats", "capture_moe",
     "detect_expert_super_weights", "expert_spikes", "expert_super_weight_scan", "experts_skipped",
-    "flag_super_experts", "moe_analysis", "random_controls", "reference_ids", "reference_loss", "route_texts",
-    "run_batches", "score_super_experts", "score_weights", "text_ids", "wikitext_paragraphs",
+    "flag_super_experts", "moe_analysis", "random_controls", "reference_ids", "reference_loss",
+    "route_texts", "run_batches", "score_super_experts", "score_weights", "text_ids",
+    "wikitext_paragraphs",
 ]

@@ -98,10 +98,9 @@ def score_super_experts(lm, super_experts: list[dict], seeds: int = 5,
     experts = []
     for i, s in enumerate(super_experts):
         key = {"layer": s["layer"], "expert": s["expert"], "shared": s["shared"]}
-        control = [ratio([picks[i]]) for picks in controls]
-        experts.append(dict(key, loss_ratio=ratio([key]),
-                            random_control=dict(_spread(control),
-                                                experts=[picks[i]["expert"] for picks in controls])))
+        control = dict(_spread([ratio([picks[i]]) for picks in controls]),
+                       experts=[picks[i]["expert"] for picks in controls])
+        experts.append(dict(key, loss_ratio=ratio([key]), random_control=control))
     together = None
     if super_experts:
         together = {"loss_ratio": ratio([{k: s[k] for k in ("layer", "expert", "shared")}

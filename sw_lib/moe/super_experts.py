@@ -61,7 +61,9 @@ class ExpertMaxima:
     def to_list(self) -> list[dict]:
         """Per (layer, expert): tokens processed, max |output| (channel = row, text, position)
         and max |input| (channel = column); routed experts first, then the shared one."""
-        order = lambda r: (r["layer"], r["shared"], r["expert"] if r["expert"] is not None else -1)  # noqa: E731
+        def order(r: dict) -> tuple:
+            return r["layer"], r["shared"], -1 if r["expert"] is None else r["expert"]
+
         return [dict(r) for r in sorted(self.records.values(), key=order)]
 
 

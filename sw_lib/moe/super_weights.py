@@ -97,6 +97,9 @@ def expert_super_weight_scan(lm, prompt: str, spike_threshold: float = 50.0,
     if not arch.is_moe_model(model):
         raise ValueError(f"model '{getattr(lm, 'name', '?')}' has no mixture-of-experts layers; "
                          "use the dense detector (sw_lib.detect)")
+    if spike_threshold <= 0 or max_iterations < 1:
+        raise ValueError(f"need spike_threshold > 0 and max_iterations >= 1, got "
+                         f"{spike_threshold} and {max_iterations}")
     ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
     if p_active is None and texts is not None:
         stats = RoutingStats()
@@ -108,7 +111,7 @@ def expert_super_weight_scan(lm, prompt: str, spike_threshold: float = 50.0,
     iterations = []
     for iteration in range(max_iterations):
         with ablate.zeroed(model, found):
-            spikes, routing = expert_spikes(model, ids)
+            spikes, _ = expert_spikes(model, ids)
         new = []
         for spike in spikes:
             if (spike["input_value"] <= spike_threshold or spike["output_value"] <= spike_threshold

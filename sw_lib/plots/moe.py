@@ -6,6 +6,7 @@ puts the four together and saves `plots/moe_analysis.png`.
 """
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import matplotlib.pyplot as plt
@@ -90,11 +91,13 @@ def super_expert_maxima(ax, result: dict):
         ax.annotate(f"{name} (row {m['output_channel']})", (m["layer"], m["max_output"]),
                     xytext=(5, 3), textcoords="offset points", fontsize=8, color=SUPER_COLOR)
     if rule["percentile_threshold"] is not None:
-        ax.axhline(rule["percentile_threshold"], color=SUPER_COLOR, linestyle="--",
-                   label=f"{rule['percentile']:g}th percentile = {rule['percentile_threshold']:.3g}")
-        ax.axhline(rule["global_threshold"], color="black", linestyle=":",
-                   label=f"{rule['global_fraction']:g} x global max = {rule['global_threshold']:.3g}")
-    ax.axvspan(rule["layer_limit"] - 0.5, result["num_layers"] - 0.5, color="grey", alpha=0.12,
+        percentile, fraction = rule["percentile_threshold"], rule["global_threshold"]
+        ax.axhline(percentile, color=SUPER_COLOR, linestyle="--",
+                   label=f"{rule['percentile']:g}th percentile = {percentile:.3g}")
+        ax.axhline(fraction, color="black", linestyle=":",
+                   label=f"{rule['global_fraction']:g} x global max = {fraction:.3g}")
+    first_excluded = math.ceil(rule["layer_limit"])  # flagged layers are < layer_limit
+    ax.axvspan(first_excluded - 0.5, result["num_layers"] - 0.5, color="grey", alpha=0.12,
                label="last 25% of layers (not flagged)")
     ax.set_yscale("log")
     ax.set_xlim(-0.5, result["num_layers"] - 0.5)
