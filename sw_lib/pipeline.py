@@ -68,6 +68,52 @@ class RunResult:
 
 
 _GGUF_MODEL_TYPES = {"qwen2moe": "qwen2_moe", "qwen3moe": "qwen3_moe"}
+# GGUF value types: struct format of the scalars; 8 is a string, 9 an array.
+_GGUF_SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q",
+                 11: "q", 12: "d"}
+
+
+def gguf_metadata(path: str | Path) -> dict:
+    """The scalar and string key/values of a GGUF file's header (arrays skipped).
+
+    A small reader instead of gguf.GGUFReader, which parses every tokenizer array (seconds).
+    """
+    import struct
+
+    with open(path, "rb") as f:
+        def read(fmt):
+            return struct.unpack("<" + fmt, f.read(struct.calcsize("<" + fmt)))[0]
+
+        def string():
+            return f.read(read("Q")).decode("utf-8", errors="replace")
+
+        def skip(value_type):
+            if value_type == 8:
+                f.seek(read("Q"), 1)
+            elif value_type == 9:
+                item_type, count = read("I"), read("Q")
+                if item_type in _GGUF_SCALARS:
+                    f.seek(count * struct.calcsize(_GGUF_SCALARS[item_type]), 1)
+                else:
+                    for _ in range(count):
+                        skip(item_type)
+            else:
+                f.seek(struct.calcsize(_GGUF_SCALARS[value_type]), 1)
+
+        if f.read(4) != b"GGUF":
+            raise ValueError(f"{path} is not a GGUF file")
+        read("I")  # version
+        read("Q")  # tensor count
+        out = {}
+        for _ in range(read("Q")):
+            key, value_type = string(), read("I")
+            if value_type in _GGUF_SCALARS:
+                out[key] = read(_GGUF_SCALARS[value_type])
+            elif value_type == 8:
+                out[key] = string()
+            else:
+                skip(value_type)
+        return out
 
 
 def probe(spec: str, trust_remote_code: bool = False) -> tuple[str, bool]:
@@ -79,19 +125,9 @@ def probe(spec: str, trust_remote_code: bool = False) -> tuple[str, bool]:
 
     source, where = models.resolve(spec)
     if source in ("alias", "gguf"):
-        from gguf import GGUFReader
-
-        reader = GGUFReader(str(where))
-
-        def field_value(name):
-            f = reader.fields.get(name)
-            if f is None:
-                return None
-            value = f.parts[f.data[0]]
-            return bytes(value).decode() if f.types and f.types[0].name == "STRING" else value[0]
-
-        gguf_arch = field_value("general.architecture") or "llama"
-        experts = int(field_value(f"{gguf_arch}.expert_count") or 0)
+        meta = gguf_metadata(where)
+        gguf_arch = meta.get("general.architecture") or "llama"
+        experts = int(meta.get(f"{gguf_arch}.expert_count") or 0)
         model_type = _GGUF_MODEL_TYPES.get(gguf_arch, gguf_arch)
         try:
             family = arch.family_for_model_type(model_type)
@@ -109,10 +145,33 @@ def probe(spec: str, trust_remote_code: bool = False) -> tuple[str, bool]:
 
 
 def declared_parameters(notebook: Path) -> list[str]:
-    """Names in the notebook's `parameters` cell."""
-    import papermill
+    """Names assigned in the notebook's `parameters` cell.
 
-    return list(papermill.inspect_notebook(str(notebook)))
+    Read with Python's own parser: papermill's `inspect_notebook` silently drops a line whose
+    comment contains `=` (e.g. `ratio = 1.02  # loss >= this`); it is the fallback for a cell
+    that is not plain Python.
+    """
+    import ast
+
+    import nbformat
+
+    nb = nbformat.read(str(notebook), as_version=4)
+    cell = next((c for c in nb.cells if c.cell_type == "code"
+                 and "parameters" in c.metadata.get("tags", [])), None)
+    if cell is None:
+        return []
+    try:
+        tree = ast.parse(cell.source)
+    except SyntaxError:
+        import papermill
+
+        return list(papermill.inspect_notebook(str(notebook)))
+    names: list[str] = []
+    for node in tree.body:
+        targets = node.targets if isinstance(node, ast.Assign) else (
+            [node.target] if isinstance(node, ast.AnnAssign) else [])
+        names += [t.id for t in targets if isinstance(t, ast.Name) and t.id not in names]
+    return names
 
 
 def export_html(notebook: Path, html: Path) -> Path:
@@ -154,11 +213,33 @@ def _snapshot(root: Path) -> dict[Path, int]:
     return out
 
 
+def _kernel_manager_class(log_file: Path | None):
+    """A kernel manager whose kernel process writes its own stdout/stderr (start-up warnings,
+    crashes) to `log_file` instead of the console; the notebook's outputs are unaffected."""
+    from jupyter_client import AsyncKernelManager
+
+    if log_file is None:
+        return AsyncKernelManager
+
+    class _LoggedKernelManager(AsyncKernelManager):
+        async def start_kernel(self, **kw):
+            stream = open(log_file, "a", encoding="utf-8")  # noqa: SIM115 -- the kernel's
+            kw.setdefault("stdout", stream)
+            kw.setdefault("stderr", stream)
+            try:
+                return await super().start_kernel(**kw)
+            finally:
+                stream.close()  # the child keeps its own copy of the descriptor
+
+    return _LoggedKernelManager
+
+
 def execute(notebook: Path, out_notebook: Path, report: Path | None, available: dict,
-            watch: Path, kernel_name: str = "python3") -> dict:
+            watch: Path, kernel_name: str = "python3", log_file: Path | None = None) -> dict:
     """Run one notebook with the parameters it declares; return its stage record.
 
-    `watch` is the folder whose new or changed files become the stage's `outputs`.
+    `watch` is the folder whose new or changed files become the stage's `outputs`;
+    `log_file` receives the kernel process's own output.
     """
     import papermill
 
@@ -179,10 +260,14 @@ def execute(notebook: Path, out_notebook: Path, report: Path | None, available: 
     try:
         papermill.execute_notebook(str(notebook), str(out_notebook), parameters=parameters,
                                    kernel_name=kernel_name, progress_bar=False,
-                                   log_output=False, cwd=str(notebook.parent))
+                                   log_output=False, cwd=str(notebook.parent),
+                                   kernel_manager_class=_kernel_manager_class(log_file),
+                                   shutdown_kernel="immediate")  # outputs are saved by then
     except KeyboardInterrupt:
         raise
     except Exception as err:  # noqa: BLE001 -- any failure is recorded, the run goes on
+        if getattr(err, "ename", None) == "KeyboardInterrupt":  # Ctrl-C reached the kernel too
+            raise KeyboardInterrupt from err
         status, error = "failed", _error_line(err)
         log.debug("%s failed", notebook.name, exc_info=True)
     after = _snapshot(watch)
@@ -289,36 +374,41 @@ def _stage_for_model(model: _Model, stage: str, available: dict, options: Option
     log.debug("running %s for %s", stage, model.spec)
     return execute(notebook, paths.notebook(stage),
                    paths.report(stage) if options.html else None, available, paths.root,
-                   options.kernel_name)
+                   options.kernel_name, paths.log_file)
 
 
 # --- logging -----------------------------------------------------------------------------------
 
 
 class _FileLog:
-    """Send the library's log records to one model's log file while it is analysed."""
+    """Send the library's and papermill's log records to one log file while it is open;
+    papermill's records (e.g. warnings about parameters) go only there, not to the console."""
 
     def __init__(self, path: Path):
+        path.parent.mkdir(parents=True, exist_ok=True)
         self.handler = logging.FileHandler(path, encoding="utf-8")
         self.handler.setLevel(logging.DEBUG)
         self.handler.setFormatter(logging.Formatter(
             "%(asctime)s %(levelname)s %(name)s: %(message)s"))
-        self.logger = logging.getLogger("sw_lib")
+        self.loggers = [logging.getLogger("sw_lib"), logging.getLogger("papermill")]
 
     def __enter__(self):
-        self.logger.addHandler(self.handler)
-        if self.logger.level == logging.NOTSET or self.logger.level > logging.DEBUG:
-            self._level = self.logger.level
-            self.logger.setLevel(logging.DEBUG)
-        else:
-            self._level = None
+        self._saved = [(lg.level, lg.propagate) for lg in self.loggers]
+        library, papermill = self.loggers
+        for lg in self.loggers:
+            lg.addHandler(self.handler)
+        if library.level == logging.NOTSET or library.level > logging.DEBUG:
+            library.setLevel(logging.DEBUG)
+        papermill.setLevel(logging.INFO)  # its DEBUG records copy every kernel message
+        papermill.propagate = False
         return self
 
     def __exit__(self, *exc):
-        self.logger.removeHandler(self.handler)
+        for lg, (level, propagate) in zip(self.loggers, self._saved):
+            lg.removeHandler(self.handler)
+            lg.setLevel(level)
+            lg.propagate = propagate
         self.handler.close()
-        if self._level is not None:
-            self.logger.setLevel(self._level)
 
 
 # --- the whole run -----------------------------------------------------------------------------
@@ -361,7 +451,8 @@ def run(config: dict, options: Options | None = None) -> RunResult:
         failures += [f"{spec}: {name}: {s['error']}" for name, s in model.stages.items()
                      if s["status"] == "failed"]
 
-    comparison_record = _compare(run_paths, slugs, config, options, notebooks_dir, any_redone)
+    with _FileLog(run_paths.log_file):
+        comparison_record = _compare(run_paths, slugs, config, options, notebooks_dir, any_redone)
     if comparison_record["status"] == "failed":
         failures.append(f"{COMPARISON_STAGE}: {comparison_record['error']}")
 
@@ -400,10 +491,11 @@ def _compare(run_paths: RunPaths, slugs: list[str], config: dict, options: Optio
         run_paths, slugs, config, stages={}, comparison=None))
     record = execute(notebook, run_paths.notebook(),
                      run_paths.report() if options.html else None, available,
-                     run_paths.results_dir, options.kernel_name)
+                     run_paths.results_dir, options.kernel_name, run_paths.log_file)
     # Only the run-level files count as this stage's outputs (not the models' folders).
     record["outputs"] = [o for o in record["outputs"]
-                         if not any(o.startswith(s + "/") for s in slugs)]
+                         if not any(o.startswith(s + "/") for s in slugs)
+                         and not o.startswith("logs/")]
     seconds = record.get("seconds")
     log.info("%-28s %-26s %-7s %7s  %s", "(all models)", COMPARISON_STAGE, record["status"],
              f"{seconds:.1f} s" if seconds is not None else "-", record.get("error") or "")

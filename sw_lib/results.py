@@ -5,6 +5,7 @@
   complete_analysis_<ts>.json            every model's status + cross-model comparison
   summary_plots/model_comparison.png
   notebooks/05_cross_model_comparison_<ts>.ipynb   reports/05_cross_model_comparison_<ts>.html
+  logs/run_<ts>.log                      the cross-model stage's log
   <model slug>/
     data/detection_<ts>.json  data/analysis_<ts>.json  data/combined_analysis_<ts>.json
     data/individual_analyses/sw_<i>_analysis_<ts>.json  data/moe_analysis_<ts>.json
@@ -180,6 +181,10 @@ class RunPaths:
     @property
     def comparison_png(self) -> Path:
         return self.summary_plots / "model_comparison.png"
+
+    @property
+    def log_file(self) -> Path:
+        return self.results_dir / "logs" / f"run_{self.ts}.log"
 
     def model(self, slug_: str) -> ModelPaths:
         return ModelPaths(self.results_dir / slug_, self.ts)

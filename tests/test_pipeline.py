@@ -9,7 +9,6 @@ here is the real one.
 from __future__ import annotations
 
 import json
-import re
 import shutil
 from pathlib import Path
 
@@ -20,13 +19,12 @@ from sw_lib import config, pipeline, reports, results
 from sw_lib.plots import comparison
 
 REPO = Path(__file__).resolve().parents[1]
-FIGURE = re.compile(r'<img [^>]*src="data:image/png;base64,')  # a figure inlined by nbconvert
 
 HEADER = '''import json, time
 from pathlib import Path
 import matplotlib.pyplot as plt
 out = Path(output_dir)
-marker = out.parent / f"FAIL_{STAGE}"
+marker = out / f"FAIL_{STAGE}"
 if marker.exists():
     raise RuntimeError(f"simulated failure of {STAGE}: " + marker.read_text())
 def write(path, data):
@@ -37,6 +35,7 @@ def write(path, data):
 
 STAGES = {
     "01_detection": ('model = ""\noutput_dir = ""\nrun_timestamp = ""\nspike_threshold = 1.0\n'
+                     'confirm_ratio = 9.9  # loss(zeroed) / loss(baseline) >= this\n'
                      'undeclared_default = 7', '''
 cfg = json.loads((Path(model) / "config.json").read_text())
 weights = [{"layer": 1, "row": 3, "column": 5, "expert": None, "shared": False},
@@ -44,6 +43,7 @@ weights = [{"layer": 1, "row": 3, "column": 5, "expert": None, "shared": False},
 write(f"data/detection_{run_timestamp}.json",
       {"schema": "sw-detection/1", "model": model, "num_layers": cfg["num_hidden_layers"],
        "super_weights": weights, "spike_threshold": spike_threshold,
+       "confirm_ratio": confirm_ratio,
        "saw_accuracy_samples": "accuracy_samples" in globals(),
        "undeclared_default": undeclared_default})
 fig, ax = plt.subplots(); ax.plot([0, 1], [0, spike_threshold])
@@ -94,116 +94,8 @@ def tiny_folder(path: Path, layers: int = 4) -> str:
     return str(path)
 
 
-@pytest.fixture(scope="module")
-def first_run(tmp_path_factory):
-    """One good model and one that does not exist; stand-in notebooks."""
-    tmp = tmp_path_factory.mktemp("pipeline")
-    notebooks = stand_in_notebooks(tmp / "notebooks")
-    models = [tiny_folder(tmp / "tiny-a"), str(tmp / "missing-model")]
-    cfg = config.load(overrides={"models": models, "results_dir": str(tmp / "results"),
-                                 "detection.spike_threshold": 42.0,
-                                 "evaluation.accuracy_samples": 3})
-    result = pipeline.run(cfg, pipeline.Options(notebooks_dir=notebooks))
-    return tmp, cfg, notebooks, result
-
-
 def _analysis(result, slug):
     return results.read_json(results.ModelPaths(result.results_dir / slug, result.ts).analysis_json)
-
-
-def test_tree_records_and_one_timestamp(first_run):
-    tmp, cfg, notebooks, result = first_run
-    ts = result.ts
-    assert results.is_timestamp(ts)
-    root = result.results_dir
-    paths = results.ModelPaths(root / "tiny-a", ts)
-    analysis = _analysis(result, "tiny-a")
-    assert results.validation_errors(analysis) == []
-    assert [analysis["stages"][s]["status"] for s in ("resolve", *results.MODEL_STAGES)] == \
-        ["ok", "ok", "ok", "ok", "skipped"]
-    assert analysis["stages"]["04_moe_routing"]["reason"] == "not a mixture-of-experts model"
-    assert analysis["family"] == "llama" and analysis["is_moe"] is False
-    assert len(analysis["individual"]) == 2 and analysis["combined"]["perplexity_impact"]
-    assert analysis["config"] == cfg
-    assert {"torch", "transformers", "sw_lib"} <= set(analysis["versions"])
-    for stage in results.MODEL_STAGES[:3]:
-        assert paths.notebook(stage).is_file() and paths.report(stage).is_file()
-        assert analysis["stages"][stage]["seconds"] > 0
-    assert analysis["stages"]["01_detection"]["outputs"] == \
-        [f"data/detection_{ts}.json", "plots/detection_iterations.png"]
-    log = paths.log_file.read_text()
-    assert "01_detection" in log and "03_combined_ablation" in log
-    assert [p.name for p in paths.individual_jsons()] == \
-        [f"sw_0_analysis_{ts}.json", f"sw_1_analysis_{ts}.json"]
-    # every timestamped file of the run carries the same timestamp
-    stamped = [p for p in root.rglob("*") if p.is_file() and results._TS.search(p.name)]
-    assert len(stamped) >= 5 + 3 + 3 + 1 + 3 and \
-        {results._TS.search(p.name).group(1) for p in stamped} == {ts}
-
-
-def test_notebooks_get_only_declared_parameters(first_run):
-    tmp, cfg, notebooks, result = first_run
-    paths = results.ModelPaths(result.results_dir / "tiny-a", result.ts)
-    detection = results.read_json(paths.detection_json)
-    assert detection["spike_threshold"] == 42.0  # the config's value reached the notebook
-    assert detection["saw_accuracy_samples"] is False  # not declared by 01: not injected
-    assert detection["undeclared_default"] == 7  # nothing to supply: the notebook's default
-    record = _analysis(result, "tiny-a")["stages"]
-    assert set(record["01_detection"]["parameters"]) == {"model", "output_dir", "run_timestamp",
-                                                        "spike_threshold"}
-    assert record["02_individual_ablation"]["parameters"]["accuracy_samples"] == 3
-
-
-def test_bad_model_recorded_and_others_finish(first_run):
-    tmp, cfg, notebooks, result = first_run
-    assert not result.ok
-    assert len(result.failures) == 1 and "missing-model" in result.failures[0]
-    bad = _analysis(result, "missing-model")
-    assert results.validation_errors(bad) == []
-    assert bad["status"] == "failed"
-    assert bad["stages"]["resolve"]["status"] == "failed"
-    assert "does not exist" in bad["stages"]["resolve"]["error"]
-    assert all(bad["stages"][s]["status"] == "skipped" for s in results.MODEL_STAGES)
-    assert _analysis(result, "tiny-a")["status"] == "ok"
-
-
-def test_complete_json_comparison_and_index(first_run):
-    tmp, cfg, notebooks, result = first_run
-    complete = results.read_json(result.complete_json)
-    assert results.validation_errors(complete) == []
-    assert complete["status"] == "failed"
-    assert [m["slug"] for m in complete["models"]] == ["tiny-a", "missing-model"]
-    assert complete["models"][1]["error"].startswith("resolve: ModelLoadError")
-    assert complete["stages"]["05_cross_model_comparison"]["status"] == "ok"
-    summary = {m["slug"]: m for m in complete["comparison"]["models"]}
-    # 2 weights at layers 1 and 2 of 4, both writing row 3; one row shared, no column
-    assert [w["relative_depth"] for w in summary["tiny-a"]["super_weights"]] == [0.25, 0.5]
-    assert summary["tiny-a"]["shared_rows"] == [{"row": 3, "count": 2, "layers": [1, 2]}]
-    assert summary["tiny-a"]["shared_columns"] == []
-    assert summary["tiny-a"]["perplexity_ratio"] == 8.0
-    assert summary["tiny-a"]["max_individual_perplexity_ratio"] == 3.0
-    assert summary["tiny-a"]["accuracy_drops"] == {"hellaswag": 0.25}
-    assert summary["missing-model"]["detection_ok"] is False
-    assert complete["comparison"]["statistics"]["super_weight_counts"] == {"tiny-a": 2}
-    assert (result.results_dir / "summary_plots" / "model_comparison.png").stat().st_size > 10_000
-    html = results.RunPaths(result.results_dir, result.ts).report().read_text()
-    assert len(FIGURE.findall(html)) == 1
-    # not inside a git work tree: the index goes to results_dir/reports
-    assert result.index_html == result.results_dir / "reports" / "index.html"
-    index = result.index_html.read_text()
-    assert f'href="../tiny-a/reports/01_detection_{result.ts}.html"' in index
-    assert f'href="05_cross_model_comparison_{result.ts}.html"' in index
-    assert "does not exist" in index
-
-
-def test_html_reports_embed_figures(first_run):
-    tmp, cfg, notebooks, result = first_run
-    html = results.ModelPaths(result.results_dir / "tiny-a", result.ts).report("01_detection")
-    text = html.read_text()
-    assert len(FIGURE.findall(text)) == 1  # the one figure the notebook shows
-    # the executed notebook, with its injected parameters cell
-    assert re.search(r'celltag_injected-parameters.{0,2000}spike_threshold.{0,200}42\.0', text,
-                     re.DOTALL)
 
 
 def _mtimes(root: Path) -> dict[Path, int]:
@@ -214,21 +106,46 @@ def _mtimes(root: Path) -> dict[Path, int]:
                                 or p.name.startswith(("detection_", "combined_")))}
 
 
-def test_resume_redoes_only_unfinished_work(tmp_path):
+def test_run_records_and_resume_redoes_only_unfinished_work(tmp_path):
     notebooks = stand_in_notebooks(tmp_path / "notebooks")
     results_dir = tmp_path / "results"
-    overrides = {"models": [tiny_folder(tmp_path / "m")], "results_dir": str(results_dir)}
+    overrides = {"models": [tiny_folder(tmp_path / "m")], "results_dir": str(results_dir),
+                 "detection.spike_threshold": 42.0, "evaluation.accuracy_samples": 3}
     cfg = config.load(overrides=overrides)
-    results_dir.mkdir()
-    (results_dir / "FAIL_03_combined_ablation").write_text("disk full")
+    (results_dir / "m").mkdir(parents=True)
+    (results_dir / "m" / "FAIL_03_combined_ablation").write_text("disk full")
     first = pipeline.run(cfg, pipeline.Options(notebooks_dir=notebooks, html=False))
     assert first.failures == [f"{overrides['models'][0]}: 03_combined_ablation: "
                               "RuntimeError: simulated failure of 03_combined_ablation: disk full"]
-    before = _mtimes(results_dir)
     m = results.ModelPaths(results_dir / "m", first.ts)
+    analysis = _analysis(first, "m")
+    assert results.validation_errors(analysis) == []
+    stages = analysis["stages"]
+    assert [stages[s]["status"] for s in ("resolve", *results.MODEL_STAGES)] == \
+        ["ok", "ok", "ok", "failed", "skipped"]
+    assert stages["04_moe_routing"]["reason"] == "not a mixture-of-experts model"
+    assert stages["01_detection"]["outputs"] == \
+        [f"data/detection_{first.ts}.json", "plots/detection_iterations.png"]
+    assert stages["01_detection"]["seconds"] > 0 and analysis["status"] == "failed"
+    assert analysis["family"] == "llama" and analysis["is_moe"] is False
+    assert analysis["config"] == cfg and len(analysis["individual"]) == 2
+    assert {"torch", "transformers", "sw_lib"} <= set(analysis["versions"])
+    log = m.log_file.read_text()
+    assert "disk full" in log and "02_individual_ablation" in log
+
+    # Each notebook got the parameters its parameters cell declares, and only those.
+    detection = results.read_json(m.detection_json)
+    assert detection["spike_threshold"] == 42.0
+    assert detection["confirm_ratio"] == cfg["detection"]["confirm_ratio"]  # '=' in a comment
+    assert detection["saw_accuracy_samples"] is False  # not declared by 01: not injected
+    assert detection["undeclared_default"] == 7  # nothing to supply: the notebook's default
+    assert set(stages["01_detection"]["parameters"]) == {
+        "model", "output_dir", "run_timestamp", "spike_threshold", "confirm_ratio"}
+    assert stages["02_individual_ablation"]["parameters"]["accuracy_samples"] == 3
+    before = _mtimes(results_dir)
 
     # The problem is fixed, and one of 02's files went missing: 01 is kept, 02 and 03 redone.
-    (results_dir / "FAIL_03_combined_ablation").unlink()
+    (results_dir / "m" / "FAIL_03_combined_ablation").unlink()
     m.individual_json(1).unlink()
     resume = pipeline.Options(notebooks_dir=notebooks, html=False, resume=True)
     second = pipeline.run(cfg, resume)
@@ -246,6 +163,7 @@ def test_resume_redoes_only_unfinished_work(tmp_path):
     assert "reused" not in stages["02_individual_ablation"]
     complete = results.read_json(second.complete_json)
     assert complete["status"] == "ok" and results.validation_errors(complete) == []
+    assert complete["comparison"]["models"][0]["perplexity_ratio"] == 8.0
 
     # Nothing left to do: every produced file stays as it was, 05 included.
     third = pipeline.run(cfg, resume)
@@ -269,6 +187,38 @@ def test_missing_notebook_is_a_failed_stage(tmp_path):
     assert record["status"] == "failed" and "03_combined_ablation.ipynb not found" in record["error"]
 
 
+def test_moe_model_gets_the_moe_stage(tmp_path):
+    """A qwen2_moe config routes to 04_moe_routing, whose file lands in the analysis; the
+    other notebooks are absent here, so those stages fail fast and 02/03 are skipped."""
+    from sw_lib import tiny
+
+    notebooks = tmp_path / "notebooks"
+    notebooks.mkdir()
+    nbformat.write(_notebook('model = ""\noutput_dir = ""\nrun_timestamp = ""\n'
+                             'router_analysis_samples = 1', '''
+write(f"data/moe_analysis_{run_timestamp}.json",
+      {"router_analysis_samples": router_analysis_samples,
+       "super_experts": {"flagged": [{"layer": 1, "expert": 2}]}, "expert_super_weights": []})
+''', "04_moe_routing"), str(notebooks / "04_moe_routing.ipynb"))
+    tiny.tiny_config("qwen2_moe", vocab_size=128).save_pretrained(tmp_path / "moe")
+    cfg = config.load(overrides={"models": [str(tmp_path / "moe")],
+                                 "results_dir": str(tmp_path / "r"),
+                                 "moe.router_analysis_samples": 5})
+    result = pipeline.run(cfg, pipeline.Options(notebooks_dir=notebooks, html=False))
+    analysis = _analysis(result, "moe")
+    assert results.validation_errors(analysis) == []
+    assert analysis["family"] == "qwen2_moe" and analysis["is_moe"] is True
+    stages = analysis["stages"]
+    assert stages["04_moe_routing"]["status"] == "ok"
+    assert analysis["moe"]["router_analysis_samples"] == 5
+    assert stages["01_detection"]["status"] == "failed"
+    assert stages["02_individual_ablation"] == results.stage_record(
+        "skipped", reason="01_detection did not succeed")
+    complete = results.read_json(result.complete_json)
+    assert complete["stages"]["05_cross_model_comparison"]["status"] == "failed"
+    assert complete["comparison"] is None and results.validation_errors(complete) == []
+
+
 def test_probe_reads_family_without_weights(tmp_path):
     from sw_lib import tiny
 
@@ -279,6 +229,38 @@ def test_probe_reads_family_without_weights(tmp_path):
     assert pipeline.probe(str(moe_dir)) == ("qwen2_moe", True)
     with pytest.raises(Exception, match="does not exist"):
         pipeline.probe(str(tmp_path / "nope"))
+    with pytest.raises(Exception, match="Unsupported architecture 'bert'"):
+        (tmp_path / "bert").mkdir()
+        (tmp_path / "bert" / "config.json").write_text('{"model_type": "bert"}')
+        pipeline.probe(str(tmp_path / "bert"))
+
+
+def test_probe_reads_the_gguf_header(tmp_path):
+    """GGUF files: the header's architecture and expert count, past the tokenizer arrays."""
+    gguf = pytest.importorskip("gguf")
+    import numpy as np
+
+    path = str(tmp_path / "moe.gguf")
+    writer = gguf.GGUFWriter(path, "qwen2moe")
+    writer.add_array("tokenizer.ggml.tokens", ["a", "bb", "ccc"])
+    writer.add_array("tokenizer.ggml.scores", [0.5, 1.5])
+    writer.add_expert_count(4)
+    writer.add_string("general.name", "tiny")
+    writer.add_tensor("x", np.zeros((2, 2), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    assert pipeline.gguf_metadata(path) == {"general.architecture": "qwen2moe",
+                                            "qwen2moe.expert_count": 4, "general.name": "tiny"}
+    assert pipeline.probe(path) == ("qwen2_moe", True)
+    from sw_lib import models
+
+    try:  # the default alias, when its package is installed
+        models.resolve("smollm2-135m")
+    except models.ModelLoadError:
+        return
+    assert pipeline.probe("smollm2-135m") == ("llama", False)
 
 
 def test_latest_timestamp_and_slugs(tmp_path):
@@ -302,9 +284,16 @@ def test_write_json_is_atomic_and_strict(tmp_path):
     assert json.loads(path.read_text()) == {"inf": None, "nan": None}
 
 
-def test_schema_rejects_broken_documents(first_run):
-    tmp, cfg, notebooks, result = first_run
-    good = _analysis(result, "tiny-a")
+def test_schema_rejects_broken_documents(tmp_path):
+    from sw_lib import config as config_mod
+
+    paths = results.ModelPaths(tmp_path / "m", "20250101_000000")
+    results.write_json(paths.detection_json, {"num_layers": 4, "super_weights": [
+        {"layer": 1, "row": 3, "column": 5, "expert": None, "shared": False}]})
+    stages = {s: results.stage_record("ok", None, 1.0) for s in ("resolve", *results.MODEL_STAGES)}
+    good = results.assemble_analysis(paths, model="m", family="llama", is_moe=False,
+                                     config=config_mod.load(), stages=stages)
+    assert results.validation_errors(good) == []
     broken = json.loads(json.dumps(good))
     broken["stages"]["01_detection"]["status"] = "done"
     broken["detection"]["super_weights"][0]["row"] = -1
@@ -316,6 +305,8 @@ def test_schema_rejects_broken_documents(first_run):
     failed = json.loads(json.dumps(good))
     failed["stages"]["02_individual_ablation"].update(status="failed", error=None)
     assert results.validation_errors(failed)
+    del failed["stages"]["04_moe_routing"]
+    assert any("04_moe_routing" in e for e in results.validation_errors(failed))
 
 
 def test_comparison_of_one_model_and_shared_columns(tmp_path):
