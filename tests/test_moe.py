@@ -20,6 +20,16 @@ SOFTMAX_TOPK = {"mixtral": True, "qwen2_moe": False, "olmoe": False, "qwen3_moe"
 PROMPT = "The company is a worldwide tech company."  # starts like many WikiText paragraphs
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models gain nothing from intra-op threads, and on a shared 2-core machine the
+    threads' spin-waits made this module 3-4x slower; restore the setting afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def ids(tokenizer):
     return tokenizer(PROMPT, return_tensors="pt").input_ids

@@ -31,7 +31,10 @@ def test_notebook_04_is_clean_and_parameterised():
         assert f"\n{name} = " in "\n" + code[0].source, name
 
 
-def test_notebook_04_on_a_tiny_planted_moe_model(tmp_path, tokenizer):
+def test_notebook_04_on_a_tiny_planted_moe_model(tmp_path, tokenizer, monkeypatch):
+    # One intra-op thread in the kernel: a tiny model gains nothing from more, and on a shared
+    # 2-core machine their spin-waits slow the run several times over.
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
     lm = make_tiny("qwen2_moe", tokenizer)
     ids = tokenizer(PROMPT, return_tensors="pt").input_ids
     tiny_moe.plant_expert_super_weight(lm.model, 1, row=7, column=5, input_ids=ids, expert=3)
