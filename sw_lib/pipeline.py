@@ -297,6 +297,20 @@ class _Model:
         return self.paths.root.name
 
 
+def _absolute_if_local(spec: str) -> str:
+    """A model spec that names a local file or folder, made absolute (kernels may run
+    elsewhere); aliases and hub ids unchanged."""
+    path = Path(spec).expanduser()
+    return str(path.resolve()) if path.exists() else spec
+
+
+def _absolute_paths(parameters: dict) -> dict:
+    out = dict(parameters)
+    if out.get("cache_dir"):
+        out["cache_dir"] = str(Path(out["cache_dir"]).expanduser().resolve())
+    return out
+
+
 def _progress(model: _Model, stage: str, record: dict) -> None:
     seconds = record.get("seconds")
     note = ("(reused)" if record.get("reused") else
@@ -343,8 +357,9 @@ def _run_model(model: _Model, config: dict, options: Options, notebooks_dir: Pat
             "failed", _error_line(err), round(time.perf_counter() - start, 3))
     _progress(model, "resolve", model.stages["resolve"])
 
-    available = config_mod.notebook_parameters(config)
-    available.update(model=model.spec, output_dir=str(paths.root), run_timestamp=paths.ts)
+    available = _absolute_paths(config_mod.notebook_parameters(config))
+    available.update(model=_absolute_if_local(model.spec), output_dir=str(paths.root),
+                     run_timestamp=paths.ts)
     redone: set[str] = set()
     for stage in MODEL_STAGES:
         record = _stage_for_model(model, stage, available, options, notebooks_dir,
@@ -423,8 +438,10 @@ def run(config: dict, options: Options | None = None) -> RunResult:
     results_dir = Path(config["results_dir"]).expanduser().resolve()
     results_dir.mkdir(parents=True, exist_ok=True)
     ts = results.latest_timestamp(results_dir) if options.resume else None
-    if options.resume:
-        log.info("resuming run %s", ts) if ts else log.info("nothing to resume; new run")
+    if options.resume and ts:
+        log.info("resuming run %s", ts)
+    elif options.resume:
+        log.info("nothing to resume in %s; starting a new run", results_dir)
     ts = ts or results.new_timestamp()
     run_paths = RunPaths(results_dir, ts)
     slugs = results.unique_slugs(config["models"])

@@ -187,9 +187,10 @@ def test_missing_notebook_is_a_failed_stage(tmp_path):
     assert record["status"] == "failed" and "03_combined_ablation.ipynb not found" in record["error"]
 
 
-def test_moe_model_gets_the_moe_stage(tmp_path):
+def test_moe_model_gets_the_moe_stage(tmp_path, monkeypatch):
     """A qwen2_moe config routes to 04_moe_routing, whose file lands in the analysis; the
-    other notebooks are absent here, so those stages fail fast and 02/03 are skipped."""
+    other notebooks are absent here, so those stages fail fast and 02/03 are skipped.
+    The model is given as a relative path: the kernel (running elsewhere) still finds it."""
     from sw_lib import tiny
 
     notebooks = tmp_path / "notebooks"
@@ -198,10 +199,12 @@ def test_moe_model_gets_the_moe_stage(tmp_path):
                              'router_analysis_samples = 1', '''
 write(f"data/moe_analysis_{run_timestamp}.json",
       {"router_analysis_samples": router_analysis_samples,
+       "model_found": (Path(model) / "config.json").is_file(),
        "super_experts": {"flagged": [{"layer": 1, "expert": 2}]}, "expert_super_weights": []})
 ''', "04_moe_routing"), str(notebooks / "04_moe_routing.ipynb"))
     tiny.tiny_config("qwen2_moe", vocab_size=128).save_pretrained(tmp_path / "moe")
-    cfg = config.load(overrides={"models": [str(tmp_path / "moe")],
+    monkeypatch.chdir(tmp_path)
+    cfg = config.load(overrides={"models": ["./moe"],
                                  "results_dir": str(tmp_path / "r"),
                                  "moe.router_analysis_samples": 5})
     result = pipeline.run(cfg, pipeline.Options(notebooks_dir=notebooks, html=False))
@@ -210,7 +213,8 @@ write(f"data/moe_analysis_{run_timestamp}.json",
     assert analysis["family"] == "qwen2_moe" and analysis["is_moe"] is True
     stages = analysis["stages"]
     assert stages["04_moe_routing"]["status"] == "ok"
-    assert analysis["moe"]["router_analysis_samples"] == 5
+    assert analysis["moe"]["router_analysis_samples"] == 5 and analysis["moe"]["model_found"]
+    assert stages["04_moe_routing"]["parameters"]["model"] == str(tmp_path / "moe")
     assert stages["01_detection"]["status"] == "failed"
     assert stages["02_individual_ablation"] == results.stage_record(
         "skipped", reason="01_detection did not succeed")

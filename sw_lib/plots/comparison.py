@@ -15,6 +15,7 @@ from pathlib import Path
 
 import matplotlib.pyplot as plt
 import numpy as np
+from matplotlib.ticker import MaxNLocator
 
 from .. import results
 
@@ -209,6 +210,7 @@ def plot_model_comparison(summary: dict, path: str | Path | None = None, title: 
                                  for c, m in zip(counts, models)])
     ax_count.set_title("Super weights per model")
     ax_count.set_ylabel("count")
+    ax_count.yaxis.set_major_locator(MaxNLocator(integer=True))
     ax_count.set_ylim(0, max([1.0] + [c for c in counts if np.isfinite(c)]) * 1.25)
 
     ratios = [m["perplexity_ratio"] if m["perplexity_ratio"] is not None else np.nan
@@ -229,9 +231,10 @@ def plot_model_comparison(summary: dict, path: str | Path | None = None, title: 
         step = 0.8 / len(tasks)
         for i, task in enumerate(tasks):
             drops = [m["accuracy_drops"].get(task) for m in models]
-            ax_acc.bar(x - 0.4 + step * (i + 0.5),
-                       [d if d is not None else np.nan for d in drops], step, label=task,
-                       edgecolor="black", linewidth=0.5)
+            bars = ax_acc.bar(x - 0.4 + step * (i + 0.5),
+                              [d if d is not None else np.nan for d in drops], step, label=task,
+                              edgecolor="black", linewidth=0.5)
+            _bar_labels(ax_acc, bars, [f"{d:+.2f}" if d is not None else "" for d in drops])
         ax_acc.axhline(0.0, color="black", linewidth=0.8)
         ax_acc.legend(fontsize=8, ncol=min(len(tasks), 3))
     else:
