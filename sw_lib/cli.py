@@ -146,18 +146,27 @@ def load_config(args: argparse.Namespace) -> dict:
     return config_mod.load(args.params, overrides, flag_names)
 
 
-def setup_logging(verbose: bool, quiet: bool) -> None:
-    """Console level from -v/-q; the library logger passes everything to the per-model logs."""
-    console = logging.StreamHandler(sys.stdout)
-    console.setLevel(logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO)
-    console.setFormatter(logging.Formatter("%(message)s" if not verbose else
-                                           "%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    library = logging.getLogger("sw_lib")
-    library.setLevel(logging.DEBUG)
-    library.handlers[:] = [h for h in library.handlers if not getattr(h, "_sw_console", False)]
-    console._sw_console = True
-    library.addHandler(console)
-    library.propagate = False
+class _ConsoleLog:
+    """Progress lines on stdout while the command runs: level from -v/-q. The library logger
+    is set to DEBUG so the per-model log files get everything; both are undone on exit."""
+
+    def __init__(self, verbose: bool, quiet: bool):
+        self.handler = logging.StreamHandler(sys.stdout)
+        self.handler.setLevel(logging.DEBUG if verbose else logging.WARNING if quiet
+                              else logging.INFO)
+        self.handler.setFormatter(logging.Formatter(
+            "%(asctime)s %(levelname)s %(name)s: %(message)s" if verbose else "%(message)s"))
+        self.logger = logging.getLogger("sw_lib")
+
+    def __enter__(self):
+        self.level = self.logger.level
+        self.logger.setLevel(logging.DEBUG)
+        self.logger.addHandler(self.handler)
+        return self
+
+    def __exit__(self, *exc):
+        self.logger.removeHandler(self.handler)
+        self.logger.setLevel(self.level)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -175,11 +184,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.notebooks_dir and not Path(args.notebooks_dir).is_dir():
         parser.exit(2, f"{parser.prog}: error: --notebooks-dir: folder '{args.notebooks_dir}' "
                        "does not exist\n")
-    setup_logging(args.verbose, args.quiet)
     options = pipeline.Options(resume=args.resume, html=not args.no_html,
                                notebooks_dir=Path(args.notebooks_dir) if args.notebooks_dir else None)
     try:
-        result = pipeline.run(config, options)
+        with _ConsoleLog(args.verbose, args.quiet):
+            result = pipeline.run(config, options)
     except KeyboardInterrupt:
         print("interrupted; rerun with --resume to continue", file=sys.stderr)
         return 130

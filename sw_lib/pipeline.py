@@ -387,9 +387,14 @@ def _stage_for_model(model: _Model, stage: str, available: dict, options: Option
             return {**previous, "reused": True}
     redone.add(stage)
     log.debug("running %s for %s", stage, model.spec)
-    return execute(notebook, paths.notebook(stage),
-                   paths.report(stage) if options.html else None, available, paths.root,
-                   options.kernel_name, paths.log_file)
+    record = execute(notebook, paths.notebook(stage),
+                     paths.report(stage) if options.html else None, available, paths.root,
+                     options.kernel_name, paths.log_file)
+    missing = [p for p in REQUIRED_OUTPUTS[stage](paths) if not p.is_file()]
+    if record["status"] == "ok" and missing:  # the notebook broke its contract
+        record.update(status="failed", error="finished without writing "
+                      + ", ".join(str(p.relative_to(paths.root)) for p in missing))
+    return record
 
 
 # --- logging -----------------------------------------------------------------------------------

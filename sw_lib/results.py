@@ -291,6 +291,8 @@ def assemble_analysis(paths: ModelPaths, *, model: str, family: str | None,
         "status": overall_status(stages),
         "updated": datetime.now().isoformat(timespec="seconds"),
         "config": config,
+        # dtype and device as the notebooks resolved "auto" (from the detection's own record)
+        "resolved_runtime": _resolved_runtime(detection),
         "versions": versions or package_versions(),
         "stages": stages,
         "detection": detection,
@@ -298,6 +300,13 @@ def assemble_analysis(paths: ModelPaths, *, model: str, family: str | None,
         "combined": read_json_if_exists(paths.combined_json),
         "moe": read_json_if_exists(paths.moe_json),
     }
+
+
+def _resolved_runtime(detection) -> dict | None:
+    used = detection.get("config") if isinstance(detection, dict) else None
+    if not isinstance(used, dict):
+        return None
+    return {"dtype": used.get("dtype"), "device": used.get("device")}
 
 
 def model_entry(analysis: dict, results_dir: Path) -> dict:

@@ -76,6 +76,7 @@ def test_json_valid_and_planted_weights_found(cli_run):
         assert analysis["family"] == model_type and analysis["status"] == "ok"
         found = [(w["layer"], w["row"], w["column"]) for w in analysis["detection"]["super_weights"]]
         assert found == [(layer, row, column)]
+        assert analysis["resolved_runtime"] == {"dtype": "float32", "device": "cpu"}
         cfg = analysis["config"]
         assert cfg["evaluation"]["accuracy_tasks"] == ["arc_easy"]
         assert cfg["detection"]["confirm"] is False and cfg["runtime"]["dtype"] == "float32"

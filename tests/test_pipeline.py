@@ -195,19 +195,30 @@ def test_moe_model_gets_the_moe_stage(tmp_path, monkeypatch):
 
     notebooks = tmp_path / "notebooks"
     notebooks.mkdir()
-    nbformat.write(_notebook('model = ""\noutput_dir = ""\nrun_timestamp = ""\n'
-                             'router_analysis_samples = 1', '''
-write(f"data/moe_analysis_{run_timestamp}.json",
-      {"router_analysis_samples": router_analysis_samples,
-       "model_found": (Path(model) / "config.json").is_file(),
-       "super_experts": {"flagged": [{"layer": 1, "expert": 2}]}, "expert_super_weights": []})
+
+    def moe_notebook(file_name: str):
+        nbformat.write(_notebook('model = ""\noutput_dir = ""\nrun_timestamp = ""\n'
+                                 'router_analysis_samples = 1', f'''
+write(f"data/{file_name}",
+      {{"router_analysis_samples": router_analysis_samples,
+        "model_found": (Path(model) / "config.json").is_file(),
+        "super_experts": {{"flagged": [{{"layer": 1, "expert": 2}}]}},
+        "expert_super_weights": []}})
 ''', "04_moe_routing"), str(notebooks / "04_moe_routing.ipynb"))
+
     tiny.tiny_config("qwen2_moe", vocab_size=128).save_pretrained(tmp_path / "moe")
     monkeypatch.chdir(tmp_path)
-    cfg = config.load(overrides={"models": ["./moe"],
-                                 "results_dir": str(tmp_path / "r"),
+    cfg = config.load(overrides={"models": ["./moe"], "results_dir": str(tmp_path / "r"),
                                  "moe.router_analysis_samples": 5})
-    result = pipeline.run(cfg, pipeline.Options(notebooks_dir=notebooks, html=False))
+    # A notebook that runs fine but does not write its contract file has failed.
+    moe_notebook("moe_analysis_{run_timestamp}_v2.json")
+    first = pipeline.run(cfg, pipeline.Options(notebooks_dir=notebooks, html=False))
+    stage = _analysis(first, "moe")["stages"]["04_moe_routing"]
+    assert stage["status"] == "failed"
+    assert stage["error"] == f"finished without writing data/moe_analysis_{first.ts}.json"
+
+    moe_notebook("moe_analysis_{run_timestamp}.json")
+    result = pipeline.run(cfg, pipeline.Options(notebooks_dir=notebooks, html=False, resume=True))
     analysis = _analysis(result, "moe")
     assert results.validation_errors(analysis) == []
     assert analysis["family"] == "qwen2_moe" and analysis["is_moe"] is True
