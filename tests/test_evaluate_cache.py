@@ -117,3 +117,37 @@ def test_damaged_cache_entry_is_recomputed(lm, tmp_path):
     counter = ForwardCounter(lm.model)
     assert run_task(lm, "arc_easy", 2, cache=cache, progress=False)["per_item"] == first["per_item"]
     assert counter.take() > 0
+
+
+def test_ablated_pass_starts_at_the_edited_layer(tokenizer, tmp_path):
+    """With the baseline's layer inputs kept, an edit at layer 2 never runs layers 0-1 again."""
+    from sw_lib.evaluate import prefix
+
+    lm = make_tiny("llama", tokenizer, seed=10)
+    prefix.STORE.clear()
+    edit = [WeightEdit(layer=2, row=4, column=9, scale=0.0)]
+    cache = EvalCache(tmp_path / "eval")
+    run_task(lm, "hellaswag", 4, cache=cache, batch_size=2, progress=False, keep_layers=[2])
+    base_ppl = perplexity(lm, seq_len=16, n_windows=2, cache=cache, progress=False, text=TEXT,
+                          keep_layers=[2])
+
+    calls = {"layer0": 0, "layer3": 0}
+    hooks = [lm.model.model.layers[0].mlp.register_forward_hook(
+                 lambda *a: calls.__setitem__("layer0", calls["layer0"] + 1)),
+             lm.model.model.layers[3].mlp.register_forward_hook(
+                 lambda *a: calls.__setitem__("layer3", calls["layer3"] + 1))]
+    reused = prefix.STORE.reused
+    task = run_task(lm, "hellaswag", 4, edits=edit, cache=cache, batch_size=2, progress=False)
+    ppl = perplexity(lm, edit, seq_len=16, n_windows=2, cache=cache, progress=False, text=TEXT)
+    for h in hooks:
+        h.remove()
+    assert calls["layer0"] == 0 and calls["layer3"] > 0  # layers 0-1 skipped, 2-3 computed
+    assert prefix.STORE.reused - reused == 2 + 2  # 2 MC batches + 2 windows
+    # Identical to evaluating the edited model from scratch, without any reuse.
+    plain_task = run_task(lm, "hellaswag", 4, edits=edit, cache=False, batch_size=2, progress=False)
+    plain_ppl = perplexity(lm, edit, seq_len=16, n_windows=2, cache=False, progress=False, text=TEXT)
+    for a, b in zip(task["per_item"], plain_task["per_item"]):
+        assert a["loglikelihoods"] == pytest.approx(b["loglikelihoods"], abs=1e-6)
+    assert ppl["per_window_nll"] == pytest.approx(plain_ppl["per_window_nll"], rel=1e-7)
+    assert ppl["per_window_nll"] != base_ppl["per_window_nll"]  # the edit did act
+    prefix.STORE.clear()

@@ -6,13 +6,16 @@ every metric with its standard error over the selected items.
 """
 from __future__ import annotations
 
+import contextlib
 import time
+from typing import Iterable
 
 from tqdm.auto import tqdm
 
 from .. import ablate, data
 from . import cache as cache_mod
 from . import generation, multiple_choice
+from .prefix import planned
 from .stats import summarize
 from .tasks import TaskSpec, fewshot_rows, get_task
 
@@ -53,11 +56,14 @@ def _compute(lm, spec: TaskSpec, requests: list, batch_size: int, progress: bool
 
 def run_task(lm, task: str | TaskSpec, n_samples: int | None = None, edits=(), cache=None,
              shots: int | None = None, batch_size: int = 8, progress: bool = True,
-             source: str = "bundled") -> dict:
+             source: str = "bundled", keep_layers: Iterable[int] = ()) -> dict:
     """Evaluate `lm` with `edits` applied on the first `n_samples` items of `task`.
 
     task: a name in TASKS or a TaskSpec; shots: None = the task's default (MMLU 0, GSM8K 5);
     cache: None = EvalCache.default(), False = no cache, or an EvalCache / folder.
+    keep_layers: layers whose inputs this run keeps in memory, so that a later condition
+    edited at such a layer starts there (prefix.py); pass the super weights' layers while
+    evaluating the baseline. Inactive with cache=False.
     """
     start_time = time.perf_counter()
     spec = get_task(task)
@@ -76,7 +82,8 @@ def run_task(lm, task: str | TaskSpec, n_samples: int | None = None, edits=(), c
         requests = build_requests(spec, [it for it in selection.items if it[0] in missing],
                                   shots, source)
         label = f"{spec.name} ({len(edits)} edits)" if edits else f"{spec.name} (baseline)"
-        with ablate.edited(lm.model, edits):
+        plan = planned(lm.fingerprint, edits, keep_layers) if store else contextlib.nullcontext()
+        with ablate.edited(lm.model, edits), plan:
             computed = _compute(lm, spec, requests, batch_size, progress, label)
         if store:
             store.store(key, computed)

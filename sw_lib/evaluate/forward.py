@@ -68,9 +68,10 @@ def packed_hidden(model: nn.Module, input_ids: torch.Tensor, segments: torch.Ten
     """Last hidden states [B, L, H] of packed rows (see packed_mask)."""
     dtype = next(model.parameters()).dtype
     mask = packed_mask(segments, positions, dtype)
-    out = decoder(model)(input_ids=input_ids, attention_mask=mask, position_ids=positions,
-                         use_cache=False)
-    return out.last_hidden_state
+    from .prefix import run_decoder
+
+    return run_decoder(model, input_ids=input_ids, attention_mask=mask, position_ids=positions,
+                       use_cache=False)
 
 
 def _sliding_window(config) -> int | None:
@@ -106,6 +107,8 @@ def fast_path_ok(model: nn.Module) -> bool:
     prefix = torch.randint(0, vocab, (6,), generator=g).tolist()
     branches = [torch.randint(0, vocab, (n,), generator=g).tolist() for n in (3, 1, 2)]
     ok = True
+    from .prefix import suspended
+
     try:
         # Plain forward of each prefix + branch: the reference.
         reference = []
@@ -122,8 +125,10 @@ def fast_path_ok(model: nn.Module) -> bool:
                 tokens.append(t), segs.append(j), pos.append(len(prefix) + i)
             targets.extend(branch)
         tokens.append(0), segs.append(-1), pos.append(0)  # one padding slot, as batches have
-        hidden = packed_hidden(model, torch.tensor([tokens], device=device),
-                               torch.tensor([segs], device=device), torch.tensor([pos], device=device))
+        with suspended():
+            hidden = packed_hidden(model, torch.tensor([tokens], device=device),
+                                   torch.tensor([segs], device=device),
+                                   torch.tensor([pos], device=device))
         fast = token_logprobs(model, hidden[0, rows], torch.tensor(targets, device=device))
         ok = torch.allclose(fast, torch.cat(reference), atol=_tolerance(dtype), rtol=0)
     except Exception as err:  # a family whose base model refuses 4-D masks or position ids

@@ -12,8 +12,10 @@ cover the whole test set, unlike the first N, and are the same on every run.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import time
+from typing import Iterable
 
 import torch
 from tqdm.auto import tqdm
@@ -22,6 +24,7 @@ from .. import ablate, data
 from . import cache as cache_mod
 from . import forward
 from .multiple_choice import max_length
+from .prefix import planned, run_decoder
 
 PROTOCOL = {"name": "wikitext-2-raw-v1/test", "convention": "gptq", "joiner": "\n\n",
             "window_selection": "evenly spaced", "version": 1}
@@ -31,7 +34,8 @@ _TOKENS: dict[tuple, list[int]] = {}  # tokenized text per (tokenizer, text sour
 
 def tokens_of(tokenizer, text: str | None, source: str) -> list[int]:
     """Token ids of the joined WikiText-2 rows (or of `text`), memoised per tokenizer."""
-    key = (id(tokenizer), source if text is None else ("text", text))
+    identity = (type(tokenizer).__name__, getattr(tokenizer, "name_or_path", ""), len(tokenizer))
+    key = (identity, source if text is None else ("text", text))
     if key not in _TOKENS:
         joined = "\n\n".join(data.wikitext_rows(source)) if text is None else text
         _TOKENS[key] = tokenizer(joined).input_ids
@@ -52,7 +56,7 @@ def window_nll(model, windows: torch.Tensor) -> list[float]:
     device = next(model.parameters()).device
     windows = windows.to(device)
     if forward.fast_path_ok(model):
-        hidden = forward.decoder(model)(input_ids=windows, use_cache=False).last_hidden_state
+        hidden = run_decoder(model, input_ids=windows, use_cache=False)
         b, length, h = hidden.shape
         logp = forward.token_logprobs(model, hidden[:, :-1].reshape(-1, h),
                                       windows[:, 1:].reshape(-1))
@@ -64,10 +68,13 @@ def window_nll(model, windows: torch.Tensor) -> list[float]:
 
 def perplexity(lm, edits=(), seq_len: int = 2048, n_windows: int | None = None,
                batch_size: int = 1, cache=None, progress: bool = True, source: str = "bundled",
-               text: str | None = None) -> dict:
+               text: str | None = None, keep_layers: Iterable[int] = ()) -> dict:
     """Perplexity of `lm` (with `edits` applied) on WikiText-2 test, or on `text` if given.
 
     cache: None = EvalCache.default(), False = no cache, or an EvalCache / folder.
+    keep_layers: layers whose inputs this run keeps in memory, so that a later condition
+    edited at such a layer starts there (prefix.py); pass the super weights' layers while
+    evaluating the baseline. Inactive with cache=False.
     """
     start_time = time.perf_counter()
     edits = list(edits)
@@ -89,7 +96,8 @@ def perplexity(lm, edits=(), seq_len: int = 2048, n_windows: int | None = None,
     if missing:
         bar = tqdm(total=len(missing), desc=f"perplexity ({len(edits)} edits)", unit="window",
                    disable=not progress)
-        with ablate.edited(lm.model, edits):
+        plan = planned(lm.fingerprint, edits, keep_layers) if store else contextlib.nullcontext()
+        with ablate.edited(lm.model, edits), plan:
             for i in range(0, len(missing), batch_size):
                 batch = missing[i:i + batch_size]
                 windows = torch.tensor([tokens[w * seq_len:(w + 1) * seq_len] for w in batch])

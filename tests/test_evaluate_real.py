@@ -1,0 +1,40 @@
+"""The real SmolLM2-135M: the fast paths equal brute force, and its super weight matters."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sw_lib.ablate import WeightEdit
+from sw_lib.evaluate import perplexity, run_task
+from sw_lib.evaluate import forward
+
+SUPER_WEIGHT = WeightEdit(layer=11, row=507, column=1229)  # largest spike pair of SmolLM2-135M
+
+pytestmark = pytest.mark.slow
+
+
+@torch.no_grad()
+def test_real_model_mc_and_perplexity_equal_plain_forward(smol, tmp_path):
+    from test_evaluate_mc import assert_matches, brute_force
+
+    assert forward.fast_path_ok(smol.model)
+    for task, n in (("hellaswag", 3), ("mmlu", 3)):
+        result = run_task(smol, task, n, cache=False, batch_size=3, progress=False)
+        metrics = ("acc",) if task == "mmlu" else ("acc", "acc_norm")
+        assert_matches(result, brute_force(smol, task, n), metrics)
+
+    ppl = perplexity(smol, seq_len=256, n_windows=2, cache=tmp_path, progress=False)
+    from sw_lib.evaluate.perplexity import tokens_of
+
+    tokens = tokens_of(smol.tokenizer, None, "bundled")
+    for w, nll in zip(ppl["windows"], ppl["per_window_nll"]):
+        ids = torch.tensor([tokens[w * 256:(w + 1) * 256]])
+        assert nll == pytest.approx(smol.model(ids, labels=ids).loss.item() * 255, rel=1e-4)
+    assert 10 < ppl["perplexity"] < 100
+
+    # Zeroing the super weight multiplies perplexity several times over; restored afterwards.
+    zeroed = perplexity(smol, [SUPER_WEIGHT], seq_len=256, n_windows=2, cache=tmp_path,
+                        progress=False)
+    assert zeroed["perplexity"] > 3 * ppl["perplexity"]
+    again = perplexity(smol, seq_len=256, n_windows=2, cache=False, progress=False)
+    assert again["perplexity"] == pytest.approx(ppl["perplexity"], rel=1e-6)
