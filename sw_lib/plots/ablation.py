@@ -9,6 +9,7 @@ from pathlib import Path
 
 import matplotlib.pyplot as plt
 import numpy as np
+from matplotlib.ticker import FuncFormatter
 
 SEVERITY_COLORS = {"minimal": "#4c9a2a", "mild": "#a4c639", "moderate": "#f2b134",
                    "severe": "#e8702a", "catastrophic": "#c0392b"}
@@ -59,6 +60,9 @@ def _ppl_panel(ax, labels, values, colors, baseline: float | None, title: str):
     heights = [v if v is not None else np.nan for v in values]
     bars = ax.bar(x, heights, color=colors, edgecolor="black", linewidth=0.5)
     ax.set_yscale("log")
+    plain = FuncFormatter(lambda v, _: f"{v:,.0f}" if v >= 1 else f"{v:g}")
+    ax.yaxis.set_major_formatter(plain)  # 200 rather than 2x10^2
+    ax.yaxis.set_minor_formatter(FuncFormatter(lambda v, _: ""))
     if baseline is not None:
         ax.axhline(baseline, color=BASELINE_COLOR, linestyle="--", linewidth=1,
                    label=f"baseline {baseline:.3g}")
