@@ -36,8 +36,11 @@ def cli_run(tmp_path_factory, tokenizer, prompt_ids):
         tiny.plant_super_weight(model, layer, row, column, prompt_ids)
         specs.append(str(tiny.save_tiny(model, tokenizer, tmp / name)))
     results_dir = tmp / "results"
-    code = cli.main(["--models", *specs, "--results-dir", str(results_dir),
-                     "--cache-dir", str(tmp / "eval-cache"), *TINY_RUN])
+    with pytest.MonkeyPatch.context() as env:
+        # Tiny models run faster on one thread; the notebook kernels inherit this.
+        env.setenv("OMP_NUM_THREADS", "1")
+        code = cli.main(["--models", *specs, "--results-dir", str(results_dir),
+                         "--cache-dir", str(tmp / "eval-cache"), *TINY_RUN])
     ts = results.latest_timestamp(results_dir)
     return code, results_dir, ts
 
