@@ -234,7 +234,7 @@ def _hub_error(spec: str, err: Exception) -> ModelLoadError:
     return ModelLoadError(f"Could not load '{spec}': {text}")
 
 
-def _load_config(where: str | Path, spec: str, trust_remote_code: bool):
+def load_config(where: str | Path, spec: str, trust_remote_code: bool):
     from transformers import AutoConfig
 
     try:
@@ -273,7 +273,7 @@ def load_model(spec: str = DEFAULT_MODEL, dtype: str | torch.dtype = "auto", dev
             where, kwargs = gguf_path.parent, {"gguf_file": gguf_path.name}
     else:
         kwargs = {}
-    config = _load_config(where, spec, trust_remote_code) if not kwargs else None
+    config = load_config(where, spec, trust_remote_code) if not kwargs else None
     if config is not None:
         arch.family_for_model_type(config.model_type)  # one-line error before loading weights
 

@@ -136,7 +136,7 @@ def probe(spec: str, trust_remote_code: bool = False) -> tuple[str, bool]:
                         gguf_arch, spec)
             family = arch.family_for_model_type("llama")
         return family.name, family.moe is not None or experts > 0
-    config = models._load_config(where, spec, trust_remote_code)
+    config = models.load_config(where, spec, trust_remote_code)
     family = arch.family_for_model_type(config.model_type)
     return family.name, family.moe is not None
 

@@ -227,6 +227,7 @@ def write_json(path: str | Path, data) -> Path:
         with os.fdopen(fd, "w") as f:
             json.dump(jsonable(data), f, indent=2, allow_nan=False)
             f.write("\n")
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600; results are meant to be shared
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
