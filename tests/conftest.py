@@ -37,3 +37,16 @@ def assert_bit_identical(model: torch.nn.Module, snapshot: dict[str, torch.Tenso
         before = snapshot[name]
         assert torch.equal(tensor.view(torch.uint8) if tensor.dtype.is_floating_point else tensor,
                            before.view(torch.uint8) if before.dtype.is_floating_point else before), name
+
+
+@pytest.fixture(autouse=True)
+def _one_thread_for_tiny_models(request):
+    """Tiny models run faster on one intra-op thread (no OpenMP hand-offs); the real model,
+    in tests marked slow, keeps every core."""
+    if request.node.get_closest_marker("slow"):
+        yield
+        return
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
