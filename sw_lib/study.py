@@ -114,14 +114,14 @@ def ablation_units(weights: Sequence[dict], unit: str = "weight") -> list[dict]:
 
 @dataclass
 class StudySettings:
-    """What to evaluate per condition (the `evaluation` section of the params file)."""
+    """What to evaluate per condition (the `evaluation` section of params/default.yaml)."""
 
-    perplexity_samples: int | None = 8  # WikiText-2 windows (None: all)
+    perplexity_samples: int | None = 2  # WikiText-2 windows (None: all)
     seq_len: int = 2048
-    accuracy_samples: int | None = 100  # first N items per task (None: all)
+    accuracy_samples: int | None = 40  # first N items per task (None: all)
     accuracy_tasks: tuple[str, ...] = ("hellaswag", "arc_easy", "mmlu", "gsm8k")
     mmlu_shots: int = 0
-    gsm8k_samples: int | None = 20
+    gsm8k_samples: int | None = 4
     batch_size: int = 8
     skip_perplexity: bool = False
     skip_accuracy: bool = False

@@ -81,16 +81,10 @@ def _detection(lm, weights: list[dict]) -> dict:
 
 
 @pytest.fixture(scope="module")
-def tiny_folder(tmp_path_factory):
+def tiny_folder(tmp_path_factory, tokenizer):
     """A tiny Llama with two planted super weights, saved as a folder load_model accepts."""
-    from transformers import AutoTokenizer
-
     from sw_lib.tiny import plant_super_weight, save_tiny, tiny_model
 
-    cached = models._gguf_cache_dir(models.locate_alias(models.DEFAULT_MODEL))
-    if not (cached / "config.json").is_file():
-        models.load_model()  # builds the dequantized cache once (about 20 s)
-    tokenizer = AutoTokenizer.from_pretrained(cached)
     model = tiny_model("llama", vocab_size=len(tokenizer))
     ids = tokenizer(PROMPT, return_tensors="pt").input_ids
     for w in PLANTED:
@@ -104,11 +98,13 @@ def tiny_lm(tiny_folder):
 
 
 def _run(name: str, out: Path, tiny_folder: Path, cache: Path, **params) -> None:
-    papermill.execute_notebook(
-        str(ROOT / "notebooks" / name), str(out / "notebooks" / name), kernel_name="python3",
-        cwd=str(ROOT), progress_bar=False,
-        parameters={"model": str(tiny_folder), "output_dir": str(out), "cache_dir": str(cache),
-                    **SMALL, **params})
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("OMP_NUM_THREADS", "1")  # tiny models: one thread is faster; kernels inherit it
+        papermill.execute_notebook(
+            str(ROOT / "notebooks" / name), str(out / "notebooks" / name), kernel_name="python3",
+            cwd=str(ROOT), progress_bar=False,
+            parameters={"model": str(tiny_folder), "output_dir": str(out),
+                        "cache_dir": str(cache), **SMALL, **params})
 
 
 def _write_detection(out: Path, lm, weights: list[dict]) -> None:
@@ -188,3 +184,21 @@ def test_notebooks_without_super_weights_write_empty_lists(tiny_folder, tiny_lm,
     assert not cache.exists()  # nothing was evaluated
     _png_ok(out / "plots" / "impact_comparison.png")
     _png_ok(out / "plots" / "combined_analysis.png")
+
+
+@pytest.mark.parametrize("name", ["02_individual_ablation.ipynb", "03_combined_ablation.ipynb"])
+def test_parameters_cell_defaults_are_the_default_params(name):
+    import nbformat
+
+    from sw_lib import config
+
+    notebook = nbformat.read(ROOT / "notebooks" / name, as_version=4)
+    cells = [c for c in notebook.cells if "parameters" in c.metadata.get("tags", [])]
+    assert len(cells) == 1 and notebook.cells.index(cells[0]) == 1
+    assert all(not c.outputs for c in notebook.cells if c.cell_type == "code")
+    namespace: dict = {}
+    exec(cells[0].source, namespace)
+    evaluation = config.defaults()["evaluation"]
+    assert {k: namespace[k] for k in evaluation} == evaluation
+    assert namespace["model"] == config.defaults()["models"][0]
+    assert namespace["detection_json"] is None and namespace["unit"] == "weight"

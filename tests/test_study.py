@@ -7,6 +7,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from conftest import assert_bit_identical, weights_snapshot
 
 from sw_lib import study
 from sw_lib.ablate import WeightEdit
@@ -151,6 +152,16 @@ def test_ablation_units_by_weight_and_by_group():
         study.ablation_units(weights, "layer")
 
 
+def test_settings_defaults_are_the_default_params():
+    from sw_lib import config
+
+    evaluation = config.defaults()["evaluation"]
+    defaults = study.StudySettings().to_dict()
+    assert {k: evaluation[k] for k in defaults if k in evaluation} == {
+        k: v for k, v in defaults.items() if k in evaluation}
+    assert set(defaults) - set(evaluation) == {"progress"}
+
+
 def test_settings_from_params_and_per_task_sizes():
     s = study.StudySettings.from_dict({"accuracy_samples": 7, "gsm8k_samples": 3,
                                        "mmlu_shots": 5, "accuracy_tasks": ["mmlu", "gsm8k"],
@@ -166,19 +177,6 @@ def test_settings_from_params_and_per_task_sizes():
 
 PROMPT = "Apple Inc. is a worldwide tech company."
 PLANTED = [_w(1, 5, 7), _w(2, 11, 20), _w(2, 13, 20)]  # the last two share column 20
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    """The real SmolLM2 tokenizer, read from the default model's dequantized cache folder."""
-    from transformers import AutoTokenizer
-
-    from sw_lib import models
-
-    folder = models._gguf_cache_dir(models.locate_alias(models.DEFAULT_MODEL))
-    if not (folder / "config.json").is_file():
-        models.load_model()  # builds the cache once (about 20 s)
-    return AutoTokenizer.from_pretrained(folder)
 
 
 def _planted_model(tokenizer):
@@ -227,7 +225,7 @@ def _reference(lm, settings):
 def test_individual_and_combined_equal_brute_force_zeroing(planted, tmp_path):
     from sw_lib.evaluate import EvalCache
 
-    before = {k: v.clone() for k, v in planted.model.state_dict().items()}
+    before = weights_snapshot(planted.model)
     settings = study.StudySettings(**SETTINGS)
     cache = EvalCache(tmp_path / "eval")
     baseline = study.evaluate_condition(planted, [], settings, cache)
@@ -258,8 +256,7 @@ def test_individual_and_combined_equal_brute_force_zeroing(planted, tmp_path):
     assert [a["label"] for a in individual["analyses"]] == ["L1 [5, 7]", "L2 [11, 20]",
                                                             "L2 [13, 20]"]
     # Every scalar is bit-identical after the study.
-    after = planted.model.state_dict()
-    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert_bit_identical(planted.model, before)
 
     # A rerun finds everything in the cache and computes nothing.
     hits = cache.hits
