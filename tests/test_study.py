@@ -290,3 +290,44 @@ def test_skips_and_empty_weights(planted, tmp_path):
     nothing = study.combined_ablation(planted, [], settings, cache=cache)
     assert nothing["super_weights"] == [] and nothing["perplexity_impact"] is None
     assert nothing["accuracy_impacts"] == {} and cache.misses == 2 * settings.accuracy_samples
+
+
+# --- figures -------------------------------------------------------------------------------
+
+
+def _condition(ppl, accuracy, n=20, seed=0):
+    rng = np.random.default_rng(seed)
+    correct = (rng.random(n) < accuracy).astype(int)
+    task = {"primary_metric": "acc_norm", "n_samples": n,
+            "metrics": {"acc_norm": {"value": float(correct.mean()), "stderr": 0.1}},
+            "per_item": [{"doc_id": i, "correct": {"acc_norm": int(c)}}
+                         for i, c in enumerate(correct)]}
+    return study.Condition(edits=[], perplexity={"perplexity": ppl, "dataset_info": {}},
+                           tasks={"arc_easy": task})
+
+
+def test_figures_label_weights_and_values(tmp_path):
+    import matplotlib
+    matplotlib.use("Agg")
+    from sw_lib.plots import ablation
+
+    weights = [_w(2, 507, 90), _w(11, 507, 1229, expert=3)]
+    base = _condition(21.34, 0.5)
+    units = study.ablation_units(weights)
+    individual = {"analyses": [study._analysis(u, base, _condition(p, 0.4, seed=i), i)
+                               for i, (u, p) in enumerate(zip(units, [31.55, 1208.7]))]}
+    fig = ablation.impact_comparison(individual, tmp_path / "impact.png")
+    ppl_ax, acc_ax = fig.axes[:2]
+    assert ppl_ax.get_yscale() == "log"
+    assert [t.get_text() for t in ppl_ax.get_xticklabels()] == ["L2 [507, 90]",
+                                                                "L11 E3 [507, 1229]"]
+    assert [t.get_text() for t in ppl_ax.texts] == ["31.55", "1,209"]
+    assert acc_ax.get_title().startswith("arc_easy (acc_norm, n=20)")
+    assert (tmp_path / "impact.png").stat().st_size > 10_000
+
+    combined = {"super_weights": weights, **study.compare(base, _condition(5000.0, 0.3))}
+    fig = ablation.combined_analysis(individual, combined, tmp_path / "combined.png")
+    labels = [t.get_text() for t in fig.axes[0].get_xticklabels()]
+    assert labels == ["baseline", "L2 [507, 90]", "L11 E3 [507, 1229]", "all combined"]
+    assert [t.get_text() for t in fig.axes[0].texts] == ["21.34", "31.55", "1,209", "5,000"]
+    assert (tmp_path / "combined.png").stat().st_size > 10_000

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import matplotlib.pyplot as plt
 import numpy as np
-from matplotlib.ticker import FuncFormatter
+from matplotlib.ticker import FuncFormatter, LogLocator
 
 SEVERITY_COLORS = {"minimal": "#4c9a2a", "mild": "#a4c639", "moderate": "#f2b134",
                    "severe": "#e8702a", "catastrophic": "#c0392b"}
@@ -70,7 +70,10 @@ def _ppl_panel(ax, labels, values, colors, baseline: float | None, title: str):
     _label_bars(ax, bars, [_fmt_ppl(v) for v in values], log=True)
     finite = [h for h in heights + [baseline] if h is not None and np.isfinite(h)]
     if finite:
-        ax.set_ylim(min(finite) / 2, max(finite) * 4)
+        low, high = min(finite) / 2, max(finite) * 4
+        ax.set_ylim(low, high)
+        if high / low < 1e3:  # a short range: ticks at 1-2-5 steps, else only 100 might show
+            ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
     ax.set_xticks(x, labels, rotation=30, ha="right", fontsize=8)
     ax.set_ylabel("WikiText-2 perplexity (log scale)")
     ax.set_title(title)
@@ -152,7 +155,8 @@ def combined_analysis(individual: dict, combined: dict, path: str | Path | None 
     if not combined.get("super_weights"):
         return _empty("no super weights: nothing was ablated", path)
     labels = ["baseline"] + [a["label"] for a in analyses] + ["all combined"]
-    colors = [BASELINE_COLOR] + ["#d98c5f"] * len(analyses) + [COMBINED_COLOR]
+    shades = plt.get_cmap("Oranges")(np.linspace(0.3, 0.7, max(len(analyses), 1)))
+    colors = [BASELINE_COLOR] + list(shades[:len(analyses)]) + [COMBINED_COLOR]
     has_ppl = combined.get("perplexity_impact") is not None
     tasks = list(combined.get("accuracy_impacts") or {})
     panels = int(has_ppl) + int(bool(tasks))
@@ -185,7 +189,7 @@ def combined_analysis(individual: dict, combined: dict, path: str | Path | None 
                     ai = (analyses[k - 1].get("accuracy_impacts") or {}).get(task)
                     heights.append(ai["modified_accuracy"] if ai else np.nan)
             bars = ax.bar(x - 0.4 + width * (k + 0.5), heights, width, color=color, label=label,
-                          edgecolor="black", linewidth=0.3, alpha=0.6 if 0 < k < len(labels) - 1 else 1)
+                          edgecolor="black", linewidth=0.3)
             if k in (0, len(labels) - 1):
                 _label_bars(ax, bars, [f"{h:.2f}" for h in heights])
         metric_names = [combined["accuracy_impacts"][t]["primary_metric"] for t in tasks]
