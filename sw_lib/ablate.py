@@ -41,6 +41,17 @@ class WeightEdit:
                    scale=float(d.get("scale", 0.0) if scale is None else scale))
 
 
+def weight_label(w: dict | WeightEdit) -> str:
+    """`L{layer} [{row}, {column}]`, with `E{expert}` (or `shared`) for expert weights."""
+    get = w.get if isinstance(w, dict) else lambda k, d=None: getattr(w, k, d)
+    where = f"L{get('layer')}"
+    if get("shared", False):
+        where += " shared"
+    elif get("expert") is not None:
+        where += f" E{get('expert')}"
+    return f"{where} [{get('row')}, {get('column')}]"
+
+
 def zero(coords: Iterable) -> list[WeightEdit]:
     """WeightEdits that zero each coordinate (dicts, WeightEdits or (layer, row, column) tuples)."""
     return [_as_edit(c, 0.0) for c in coords]

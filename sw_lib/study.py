@@ -25,7 +25,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from .ablate import WeightEdit, zero
+from .ablate import WeightEdit, weight_label, zero
 
 PERPLEXITY_SEVERITY = ((10.0, "catastrophic"), (3.0, "severe"), (1.5, "moderate"), (1.1, "mild"))
 ACCURACY_SEVERITY = ((0.5, "catastrophic"), (0.2, "severe"), (0.1, "moderate"), (0.05, "mild"))
@@ -57,17 +57,6 @@ def accuracy_severity(drop: float) -> str:
 
 
 # --- labels --------------------------------------------------------------------------------
-
-
-def weight_label(w: dict | WeightEdit) -> str:
-    """`L{layer} [{row}, {column}]`, with `E{expert}` (or `shared`) for expert weights."""
-    get = w.get if isinstance(w, dict) else lambda k, d=None: getattr(w, k, d)
-    where = f"L{get('layer')}"
-    if get("shared", False):
-        where += " shared"
-    elif get("expert") is not None:
-        where += f" E{get('expert')}"
-    return f"{where} [{get('row')}, {get('column')}]"
 
 
 def group_label(group: dict) -> str:

@@ -11,24 +11,19 @@ import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib.ticker import FuncFormatter, LogLocator
 
+from . import save_figure
+
 SEVERITY_COLORS = {"minimal": "#4c9a2a", "mild": "#a4c639", "moderate": "#f2b134",
                    "severe": "#e8702a", "catastrophic": "#c0392b"}
 BASELINE_COLOR = "#5b7fa6"
 COMBINED_COLOR = "#6d2e8c"
 
 
-def _save(fig, path: str | Path | None):
-    if path is not None:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, dpi=150, bbox_inches="tight")
-    return fig
-
-
 def _empty(message: str, path):
     fig, ax = plt.subplots(figsize=(6, 2.5))
     ax.text(0.5, 0.5, message, ha="center", va="center", fontsize=12)
     ax.set_axis_off()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def _tasks(analyses: list[dict]) -> list[str]:
@@ -129,7 +124,7 @@ def impact_comparison(individual: dict, path: str | Path | None = None, title: s
         ax.legend(loc="upper right", fontsize=8)
     fig.suptitle(title or "Impact of zeroing each super weight", fontsize=13)
     fig.tight_layout()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def _fmt_change(impact: dict | None) -> str:
@@ -201,4 +196,4 @@ def combined_analysis(individual: dict, combined: dict, path: str | Path | None 
     fig.suptitle(title or "Combined ablation: baseline vs individual vs all together",
                  fontsize=13)
     fig.tight_layout()
-    return _save(fig, path)
+    return save_figure(fig, path)

@@ -3,10 +3,8 @@ from __future__ import annotations
 
 import matplotlib.pyplot as plt
 
-
-def weight_label(w: dict) -> str:
-    expert = f" E{w['expert']}" if w.get("expert") is not None else (" shared" if w.get("shared") else "")
-    return f"L{w['layer']}{expert} [{w['row']}, {w['column']}]"
+from ..ablate import weight_label
+from . import save_figure
 
 
 def detection_iterations(detection: dict, path=None):
@@ -35,9 +33,7 @@ def detection_iterations(detection: dict, path=None):
     axes[1].legend(fontsize=7, ncol=2, loc="upper left")
     fig.suptitle(f"{detection['model']}: detection iterations (stars: layers with new candidates)")
     fig.tight_layout()
-    if path:
-        fig.savefig(path, dpi=120)
-    return fig
+    return save_figure(fig, path)
 
 
 def super_weight_distribution(detection: dict, path=None):
@@ -79,6 +75,4 @@ def super_weight_distribution(detection: dict, path=None):
         right.set_axis_off()
     fig.suptitle(f"{detection['model']}: super weight candidates")
     fig.tight_layout()
-    if path:
-        fig.savefig(path, dpi=120)
-    return fig
+    return save_figure(fig, path)

@@ -13,16 +13,11 @@ import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib.ticker import MaxNLocator
 
+from . import save_figure
+
 SUPER_COLOR = "#c0392b"
 EXPERT_COLOR = "#5b7fa6"
 SHARED_COLOR = "#6d2e8c"
-
-
-def _save(fig, path: str | Path | None):
-    if path is not None:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, dpi=150, bbox_inches="tight")
-    return fig
 
 
 def _layer_matrix(routing: list[dict], values) -> tuple[np.ndarray, list[int]]:
@@ -115,7 +110,7 @@ def moe_analysis_figure(result: dict, path: str | Path | None = None):
         ax.text(0.5, 0.5, f"{result.get('model', 'model')}: not a mixture-of-experts model",
                 ha="center", va="center", fontsize=12)
         ax.set_axis_off()
-        return _save(fig, path)
+        return save_figure(fig, path)
     fig, axes = plt.subplots(2, 2, figsize=(14, 10))
     usage_heatmap(axes[0, 0], result)
     p_active_distribution(axes[0, 1], result)
@@ -126,4 +121,4 @@ def moe_analysis_figure(result: dict, path: str | Path | None = None):
                  f"{result['num_experts']} experts (top-{result['top_k']}), "
                  f"{len(weights)} expert super weight(s)", fontsize=13)
     fig.tight_layout()
-    return _save(fig, path)
+    return save_figure(fig, path)
