@@ -113,7 +113,12 @@ def main() -> None:
     parser.add_argument("--items", type=int, default=50)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--tasks", nargs="+", default=["hellaswag", "arc_easy", "arc_challenge", "mmlu"])
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
     args = parser.parse_args()
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     try:
         import lm_eval
     except ImportError:
@@ -122,7 +127,8 @@ def main() -> None:
 
     lm = load_model(args.model)
     print(f"model {args.model} ({lm.fingerprint[:12]}), lm-eval {lm_eval.__version__}, "
-          f"{args.items} items per task, batch {args.batch_size}, 0-shot")
+          f"{args.items} items per task, batch {args.batch_size}, 0-shot, "
+          f"threads {args.threads or 'default'}")
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)

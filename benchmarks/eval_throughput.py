@@ -107,7 +107,7 @@ def child(side: str, args) -> dict:
     cmd = [sys.executable, __file__, "--side", side, "--model", args.model, "--items", str(args.items),
            "--windows", str(args.windows), "--seq-len", str(args.seq_len),
            "--batch-size", str(args.batch_size), "--tasks", *args.tasks, "--weights", *args.weights,
-           *([] if args.reuse else ["--no-reuse"])]
+           "--threads", str(args.threads), *([] if args.reuse else ["--no-reuse"])]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT:")]
     if proc.returncode or not lines:
@@ -135,12 +135,18 @@ def main() -> None:
     parser.add_argument("--tasks", nargs="+", default=["hellaswag", "arc_easy", "mmlu"])
     parser.add_argument("--weights", nargs="+", default=DEFAULT_WEIGHTS,
                         help="super weights as layer:row:column")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="torch threads per side (0: torch's default)")
     parser.add_argument("--no-reuse", dest="reuse", action="store_false",
                         help="engine without starting ablated passes at the edited layer")
     parser.add_argument("--side", choices=["engine", "reference"], help=argparse.SUPPRESS)
     args = parser.parse_args()
 
     if args.side:
+        if args.threads:
+            import torch
+
+            torch.set_num_threads(args.threads)
         result = run_engine(args) if args.side == "engine" else run_reference(args)
         result["peak_rss_mb"] = peak_rss_mb()
         print("RESULT:" + json.dumps(result))
@@ -149,7 +155,7 @@ def main() -> None:
     print(f"workload: {len(args.weights)} weight(s) {args.weights}: baseline + each alone + "
           f"combined; perplexity {args.windows} x {args.seq_len} tokens; "
           f"{', '.join(args.tasks)} x {args.items} items; engine batch {args.batch_size}, "
-          f"prefix reuse {'on' if args.reuse else 'off'}")
+          f"prefix reuse {'on' if args.reuse else 'off'}, threads {args.threads or 'default'}")
     engine = child("engine", args)
     reference = child("reference", args)
     same, total = agreement(engine, reference)

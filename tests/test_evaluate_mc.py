@@ -70,7 +70,7 @@ def test_encode_pair_moves_trailing_spaces_to_the_continuation(tokenizer):
     assert tokenizer.decode(ctx) == "Question: 2+2?\nAnswer:" and tokenizer.decode(cont) == " 4"
 
 
-@pytest.mark.parametrize("model_type", ["llama", "gpt2", "qwen3"])
+@pytest.mark.parametrize("model_type", ["llama", "gpt2", "qwen3", "gemma2"])
 def test_arc_and_hellaswag_equal_brute_force(tokenizer, model_type):
     lm = make_tiny(model_type, tokenizer, seed=1)
     for task, n in (("arc_easy", 6), ("hellaswag", 4)):

@@ -13,6 +13,15 @@ SUPER_WEIGHT = WeightEdit(layer=11, row=507, column=1229)  # largest spike pair 
 pytestmark = pytest.mark.slow
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """On this shared 2-core machine one thread beats two by 5-10x (OpenMP spin-waiting)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @torch.no_grad()
 def test_real_model_mc_and_perplexity_equal_plain_forward(smol, tmp_path):
     from test_evaluate_mc import assert_matches, brute_force

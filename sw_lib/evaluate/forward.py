@@ -17,6 +17,8 @@ import warnings
 import torch
 from torch import nn
 
+from .prefix import run_decoder, suspended
+
 # Positions whose logits are materialised at once (memory: chunk x vocab floats).
 HEAD_CHUNK = 1024
 
@@ -68,8 +70,6 @@ def packed_hidden(model: nn.Module, input_ids: torch.Tensor, segments: torch.Ten
     """Last hidden states [B, L, H] of packed rows (see packed_mask)."""
     dtype = next(model.parameters()).dtype
     mask = packed_mask(segments, positions, dtype)
-    from .prefix import run_decoder
-
     return run_decoder(model, input_ids=input_ids, attention_mask=mask, position_ids=positions,
                        use_cache=False)
 
@@ -106,9 +106,6 @@ def fast_path_ok(model: nn.Module) -> bool:
     g = torch.Generator().manual_seed(0)
     prefix = torch.randint(0, vocab, (6,), generator=g).tolist()
     branches = [torch.randint(0, vocab, (n,), generator=g).tolist() for n in (3, 1, 2)]
-    ok = True
-    from .prefix import suspended
-
     try:
         # Plain forward of each prefix + branch: the reference.
         reference = []
@@ -122,9 +119,11 @@ def fast_path_ok(model: nn.Module) -> bool:
             rows.append(len(prefix) - 1)
             for i, t in enumerate(branch[:-1]):
                 rows.append(len(tokens))
-                tokens.append(t), segs.append(j), pos.append(len(prefix) + i)
+                tokens.append(t)
+                segs.append(j)
+                pos.append(len(prefix) + i)
             targets.extend(branch)
-        tokens.append(0), segs.append(-1), pos.append(0)  # one padding slot, as batches have
+        tokens, segs, pos = tokens + [0], segs + [-1], pos + [0]  # a padding slot, as in batches
         with suspended():
             hidden = packed_hidden(model, torch.tensor([tokens], device=device),
                                    torch.tensor([segs], device=device),
@@ -134,7 +133,8 @@ def fast_path_ok(model: nn.Module) -> bool:
     except Exception as err:  # a family whose base model refuses 4-D masks or position ids
         warnings.warn(f"packed evaluation unavailable for {type(model).__name__} ({err}); "
                       "using plain forward passes")
-        ok = False
+        model._sw_eval_fast_path = False
+        return False
     if not ok:
         warnings.warn(f"packed evaluation of {type(model).__name__} does not match its plain "
                       "forward; using plain forward passes (exact, slower)")

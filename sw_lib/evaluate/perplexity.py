@@ -66,6 +66,14 @@ def window_nll(model, windows: torch.Tensor) -> list[float]:
     return (-logp.double().sum(dim=1)).tolist()
 
 
+def _exp(x: float) -> float:
+    """exp that saturates at inf (a destroyed model's mean NLL can exceed float range)."""
+    try:
+        return math.exp(x)
+    except OverflowError:
+        return float("inf")
+
+
 def perplexity(lm, edits=(), seq_len: int = 2048, n_windows: int | None = None,
                batch_size: int = 1, cache=None, progress: bool = True, source: str = "bundled",
                text: str | None = None, keep_layers: Iterable[int] = ()) -> dict:
@@ -94,8 +102,8 @@ def perplexity(lm, edits=(), seq_len: int = 2048, n_windows: int | None = None,
 
     computed: dict[str, dict] = {}
     if missing:
-        bar = tqdm(total=len(missing), desc=f"perplexity ({len(edits)} edits)", unit="window",
-                   disable=not progress)
+        label = f"perplexity ({len(edits)} edits)" if edits else "perplexity (baseline)"
+        bar = tqdm(total=len(missing), desc=label, unit="window", disable=not progress)
         plan = planned(lm.fingerprint, edits, keep_layers) if store else contextlib.nullcontext()
         with ablate.edited(lm.model, edits), plan:
             for i in range(0, len(missing), batch_size):
@@ -113,7 +121,7 @@ def perplexity(lm, edits=(), seq_len: int = 2048, n_windows: int | None = None,
     n_tokens = len(chosen) * (seq_len - 1)
     nll_sum = sum(per_window)
     return {
-        "perplexity": math.exp(nll_sum / n_tokens), "nll_sum": nll_sum, "n_tokens": n_tokens,
+        "perplexity": _exp(nll_sum / n_tokens), "nll_sum": nll_sum, "n_tokens": n_tokens,
         "n_windows": len(chosen), "seq_len": seq_len, "per_window_nll": per_window,
         "windows": chosen,
         "dataset_info": {"name": name, "source": source, "total_tokens": len(tokens),
