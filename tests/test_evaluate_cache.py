@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import pytest
-import torch
 from conftest import assert_bit_identical, make_tiny, weights_snapshot
 
 from sw_lib.ablate import WeightEdit
@@ -10,13 +9,6 @@ from sw_lib.evaluate import EvalCache, perplexity, run_task
 
 TEXT = " ".join(f"Sentence number {i} talks about super weights in language models." for i in range(12))
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 class ForwardCounter:

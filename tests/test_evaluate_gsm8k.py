@@ -14,13 +14,6 @@ from sw_lib.evaluate.tasks import extract_flexible, extract_strict, gsm8k_prompt
 STOPS = ("Question:", "</s>", "<|im_end|>")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 @torch.no_grad()
 def greedy_reference(lm, context: str, new_tokens: int) -> str:

@@ -11,14 +11,6 @@ from sw_lib.evaluate.engine import build_requests
 from sw_lib.evaluate.multiple_choice import encode_pair
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run faster on one thread; on a busy 2-core machine, 50x faster."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def reference_encode(tokenizer, context: str, continuation: str):
     """lm-eval's _encode_pair, written out again for the reference."""

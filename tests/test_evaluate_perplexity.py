@@ -17,13 +17,6 @@ TEXT = ("Robert Boulter is an English film, television and theatre actor. He had
         "Theatre. He had a guest role in the television series Judge John Deed in 2002.")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 @torch.no_grad()
 def brute_force_window_nll(model, window: list[int]) -> float:
