@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from tqdm.auto import tqdm
 
-from . import ablate, arch, catalog, prefix
+from . import ablate, arch, catalog, data, prefix
 
 DEFAULT_PROMPT = "Apple Inc. is a worldwide tech company."
 DEFAULT_THRESHOLD = 50.0
@@ -155,17 +155,9 @@ def group_by_column(candidates: list[dict]) -> list[dict]:
 
 def reference_ids(tokenizer, n_tokens: int = DEFAULT_REFERENCE_TOKENS) -> torch.Tensor:
     """The first `n_tokens` tokens of the bundled WikiText-2 test text."""
-    text = _wikitext_text()[: n_tokens * 8]  # ~4 characters a token: a generous margin
+    text = "".join(data.wikitext_rows()).strip()[: n_tokens * 8]  # ~4 characters a token
     ids = tokenizer(text, return_tensors="pt").input_ids[:, :n_tokens]
     return ids
-
-
-def _wikitext_text() -> str:
-    import gzip
-    from importlib import resources
-
-    raw = resources.files("sw_lib").joinpath("data/wikitext/wiki.test.raw.gz").read_bytes()
-    return gzip.decompress(raw).decode("utf-8").strip()
 
 
 @torch.no_grad()
@@ -182,14 +174,12 @@ def confirm(model, candidates, groups, ref_ids, confirm_ratio=DEFAULT_CONFIRM_RA
 
     Layers before an edited layer are unchanged, so their recorded outputs are reused.
     """
-    box = {}
-    outputs = prefix.record_layer_outputs(
-        model, lambda: box.setdefault("loss", mean_loss(model, ref_ids)))
-    baseline = box["loss"]
+    with prefix.recording_inputs(model, {c["layer"] for c in candidates}) as inputs:
+        baseline = mean_loss(model, ref_ids)
 
     def ablated_loss(weights: list[dict]) -> float:
-        with prefix.skip_layers(model, outputs, min(w["layer"] for w in weights)), \
-                ablate.zeroed(model, weights):
+        start = min(w["layer"] for w in weights)
+        with prefix.starting_at(model, start, inputs.get(start)), ablate.zeroed(model, weights):
             return mean_loss(model, ref_ids)
 
     for c in tqdm(candidates, desc="confirming candidates", disable=not progress, leave=False):

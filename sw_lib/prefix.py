@@ -1,55 +1,60 @@
 """Reuse the unchanged prefix of a forward pass.
 
-Zeroing a weight in layer L leaves every hidden state before layer L unchanged. So: record each
-decoder layer's output once on the unmodified model, then, for an edit at layer L, replace
-layers 0..L-1 by their recorded outputs and compute only layers L.. and the head. Works for
-every family in `arch`, since it swaps whole decoder layers and never looks inside them.
+Zeroing a weight in layer L leaves every hidden state before layer L unchanged. So: record the
+input of layer L once on the unmodified model, then, for an edit at layer L, let layers
+0..L-1 hand on that recording instead of computing, and run only layers L.. and the head.
+Works for every family in `arch`, since it swaps whole decoder layers and never looks inside.
+Used by detection (confirming candidates) and by the evaluation engine (ablated conditions).
 """
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
+from typing import Iterable, Iterator
 
-import torch
 from torch import nn
 
 from . import arch
 
 
-@torch.no_grad()
-def record_layer_outputs(model: nn.Module, run) -> list:
-    """Call `run()` (a forward pass) and return every decoder layer's output, in order."""
-    layers = arch.decoder_layers(model)
-    outputs: list = [None] * len(layers)
-
-    def keep(i):
-        def hook(module, args, output):
-            outputs[i] = output
-        return hook
-
-    handles = [layer.register_forward_hook(keep(i)) for i, layer in enumerate(layers)]
-    try:
-        run()
-    finally:
-        for h in handles:
-            h.remove()
-    return outputs
+def clone(state):
+    """A detached copy of a layer output (a tensor or a tuple holding tensors)."""
+    if hasattr(state, "detach"):
+        return state.detach().clone()
+    if isinstance(state, tuple):
+        return tuple(clone(s) for s in state)
+    return state
 
 
 @contextlib.contextmanager
-def skip_layers(model: nn.Module, outputs: list, start: int) -> Iterator[None]:
-    """Layers before `start` return their recorded outputs instead of computing them.
+def recording_inputs(model: nn.Module, layers: Iterable[int]) -> Iterator[dict[int, object]]:
+    """Inside the block, forward passes record the input of each layer in `layers` (>= 1):
+    the output of the layer before it, as a detached copy, in the yielded dict."""
+    decoder_layers = arch.decoder_layers(model)
+    captured: dict[int, object] = {}
 
-    Only valid for the same inputs as the recording, and for edits at layer >= start.
-    """
-    layers = arch.decoder_layers(model)
-    patched = []
+    def keep(layer):
+        return lambda module, args, output: captured.__setitem__(layer, clone(output))
+
+    handles = [decoder_layers[layer - 1].register_forward_hook(keep(layer))
+               for layer in sorted(set(layers)) if layer >= 1]
     try:
-        for i in range(min(start, len(layers))):
-            layer = layers[i]
-            layer.forward = (lambda out: (lambda *args, **kwargs: out))(outputs[i])
-            patched.append(layer)
+        yield captured
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@contextlib.contextmanager
+def starting_at(model: nn.Module, layer: int, state) -> Iterator[None]:
+    """Forward passes inside start at `layer`: the layers before it return `state`, the
+    recorded input of `layer` (a fresh copy per call). Only valid for the inputs the state was
+    recorded with, and for edits at `layer` or above. `layer` 0 changes nothing."""
+    skipped = list(arch.decoder_layers(model))[:layer]
+    replay = lambda *args, **kwargs: clone(state)  # noqa: E731
+    try:
+        for module in skipped:
+            module.forward = replay
         yield
     finally:
-        for layer in patched:
-            del layer.forward  # the class's forward is visible again
+        for module in skipped:
+            del module.forward  # the class's forward is visible again

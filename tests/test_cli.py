@@ -2,7 +2,6 @@
 flag validation that stops a run before it starts."""
 from __future__ import annotations
 
-import json
 import re
 import subprocess
 import sys

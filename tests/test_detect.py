@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sw_lib import arch, detect, models, prefix, tiny
+from sw_lib import arch, detect, prefix, tiny
 from conftest import assert_bit_identical, make_tiny, weights_snapshot
 
 DENSE_TYPES = ["llama", "mistral", "qwen2", "qwen3", "olmo", "olmo2", "gemma", "gemma2",
@@ -96,8 +96,9 @@ def test_confirmation_loss_ratio_equals_brute_force(tokenizer, prompt_ids):
 def test_skip_layers_reproduces_the_full_forward(tokenizer, prompt_ids):
     lm = make_tiny("olmo2", tokenizer)
     full = lm.model(prompt_ids).logits
-    outputs = prefix.record_layer_outputs(lm.model, lambda: lm.model(prompt_ids))
-    with prefix.skip_layers(lm.model, outputs, 3):
+    with prefix.recording_inputs(lm.model, [3]) as inputs:
+        lm.model(prompt_ids)
+    with prefix.starting_at(lm.model, 3, inputs[3]):
         skipped = lm.model(prompt_ids).logits
     assert torch.equal(full, skipped)
     assert "forward" not in vars(arch.decoder_layers(lm.model)[0])  # patch removed

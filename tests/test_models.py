@@ -1,7 +1,6 @@
 """Model loading: the embedded default (GGUF + cache), folders, and one-line errors."""
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 

@@ -6,7 +6,6 @@ from pathlib import Path
 
 import nbformat
 import papermill as pm
-import pytest
 
 from sw_lib import tiny
 

@@ -10,7 +10,7 @@ weights' layers while the baseline runs, plus the lowest edited layer of the con
 itself). States are kept in memory for this process only, keyed by (fingerprint, batch
 contents, layer), within a byte budget (oldest dropped first); a batch never seen before
 simply runs in full. Results are identical either way: the recorded states are the same
-tensors the skipped layers would compute.
+tensors the skipped layers would compute. The layer swapping itself is `sw_lib.prefix`.
 """
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ from typing import Iterable, Iterator
 import torch
 from torch import nn
 
-from .. import arch
+from .. import prefix
 
 DEFAULT_BUDGET = 2 << 30  # bytes of hidden states kept per process
 
@@ -104,14 +104,6 @@ def _nbytes(state) -> int:
     return sum(_nbytes(s) for s in state) if isinstance(state, (tuple, list)) else 0
 
 
-def _clone(state):
-    if isinstance(state, torch.Tensor):
-        return state.detach().clone()
-    if isinstance(state, tuple):
-        return tuple(_clone(s) for s in state)
-    return state
-
-
 def batch_digest(inputs: dict) -> str:
     h = hashlib.blake2b(digest_size=16)
     for name in sorted(inputs):
@@ -123,31 +115,6 @@ def batch_digest(inputs: dict) -> str:
     return h.hexdigest()
 
 
-@contextlib.contextmanager
-def _skipping(layers: nn.ModuleList, start: int, state) -> Iterator[None]:
-    """Layers 0..start-1 return the recorded output of layer start-1 without computing."""
-    replay = lambda *args, **kwargs: _clone(state)  # noqa: E731 - fresh copy per call
-    try:
-        for layer in layers[:start]:
-            layer.forward = replay
-        yield
-    finally:
-        for layer in layers[:start]:
-            del layer.forward
-
-
-@contextlib.contextmanager
-def _recording(layers: nn.ModuleList, record: tuple[int, ...]) -> Iterator[dict]:
-    captured: dict[int, object] = {}
-    handles = [layers[x - 1].register_forward_hook(
-        lambda m, args, out, x=x: captured.__setitem__(x, _clone(out))) for x in record]
-    try:
-        yield captured
-    finally:
-        for handle in handles:
-            handle.remove()
-
-
 def run_decoder(model: nn.Module, **inputs) -> torch.Tensor:
     """The decoder's last hidden states, reusing / recording layer inputs per the active plan."""
     from .forward import decoder
@@ -156,15 +123,14 @@ def run_decoder(model: nn.Module, **inputs) -> torch.Tensor:
     base = decoder(model)
     if plan is None or (plan.start is None and not plan.record):
         return base(**inputs).last_hidden_state
-    layers = arch.decoder_layers(model)
     digest = batch_digest(inputs)
     if plan.start:
         state = STORE.get((plan.fingerprint, digest, plan.start))
         if state is not None:
             STORE.reused += 1
-            with _skipping(layers, plan.start, state):
+            with prefix.starting_at(model, plan.start, state):
                 return base(**inputs).last_hidden_state
-    with _recording(layers, plan.record) as captured:
+    with prefix.recording_inputs(model, plan.record) as captured:
         hidden = base(**inputs).last_hidden_state
     for layer, state in captured.items():
         STORE.put((plan.fingerprint, digest, layer), state)
