@@ -110,20 +110,25 @@ def zeroed(model: nn.Module, coords: Iterable) -> Iterator[list[WeightEdit]]:
 
 
 @contextlib.contextmanager
-def experts_skipped(model: nn.Module, experts: Iterable[tuple[int, int]]) -> Iterator[None]:
-    """Zero whole experts' down projections (layer, expert), so they contribute nothing.
+def experts_skipped(model: nn.Module, experts: Iterable) -> Iterator[None]:
+    """Zero whole experts' down projections, so they contribute nothing; restore bit-exactly.
 
-    Restores the saved slices bit-exactly on exit.
+    Each expert is a (layer, expert) pair or a {"layer", "expert", "shared"} dict; a shared
+    expert ({"shared": True}) has its dense down projection zeroed.
     """
     saved = []
     try:
         with torch.no_grad():
-            for layer, expert in experts:
-                down = arch.experts(model, layer).down_proj
-                saved.append((down, expert, down[expert].clone()))
-                down[expert].zero_()
+            for e in experts:
+                layer, expert, shared = ((e["layer"], e.get("expert"), e.get("shared", False))
+                                         if isinstance(e, dict) else (*e, False))
+                # The [row, column] matrix of an expert (or of the shared expert) is a view:
+                # zeroing it zeroes the slice inside the fused tensor.
+                matrix = arch.weight_matrix(model, layer, expert, shared)
+                saved.append((matrix, matrix.clone()))
+                matrix.zero_()
         yield
     finally:
         with torch.no_grad():
-            for down, expert, original in reversed(saved):
-                down[expert].copy_(original)
+            for matrix, original in reversed(saved):
+                matrix.copy_(original)

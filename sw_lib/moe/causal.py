@@ -6,10 +6,8 @@ random experts of the same layers instead (several seeds; mean and spread report
 """
 from __future__ import annotations
 
-import contextlib
 import random
 import statistics
-from typing import Iterable, Iterator
 
 import torch
 from torch import nn
@@ -21,26 +19,8 @@ from .texts import reference_ids
 reference_loss = detect.mean_loss
 
 
-@contextlib.contextmanager
-def experts_skipped(model: nn.Module, experts: Iterable[dict]) -> Iterator[None]:
-    """Skip experts given as {"layer", "expert", "shared"} dicts: routed ones through
-    `ablate.experts_skipped`, a shared expert by zeroing its down projection; bit-exact
-    restore on exit."""
-    experts = list(experts)
-    routed = [(e["layer"], e["expert"]) for e in experts if not e.get("shared")]
-    saved = []
-    try:
-        with ablate.experts_skipped(model, routed), torch.no_grad():
-            for e in experts:
-                if e.get("shared"):
-                    weight = arch.shared_expert(model, e["layer"]).down_proj.weight
-                    saved.append((weight, weight.clone()))
-                    weight.zero_()
-            yield
-    finally:
-        with torch.no_grad():
-            for weight, original in reversed(saved):
-                weight.copy_(original)
+# Routed and shared experts alike (the mechanism lives with the other weight edits).
+experts_skipped = ablate.experts_skipped
 
 
 def score_weights(lm, weights: list[dict], reference_tokens: int = 512,
