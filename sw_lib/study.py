@@ -26,6 +26,7 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from .ablate import WeightEdit, weight_label, zero
+from .evaluate.stats import mean_stderr
 
 PERPLEXITY_SEVERITY = ((10.0, "catastrophic"), (3.0, "severe"), (1.5, "moderate"), (1.1, "mild"))
 ACCURACY_SEVERITY = ((0.5, "catastrophic"), (0.2, "severe"), (0.1, "moderate"), (0.05, "mild"))
@@ -193,7 +194,7 @@ def paired_difference(baseline_items: Sequence[dict], modified_items: Sequence[d
     d = np.array([float(mod[i]) - float(base[i]) for i in ids], dtype=np.float64)
     n = len(d)
     mean = float(d.mean()) if n else None
-    stderr = float(d.std(ddof=1) / math.sqrt(n)) if n >= 2 else None
+    stderr = mean_stderr(d.tolist())  # the engine's (lm-eval's) standard error of the mean
     ci = [mean - Z95 * stderr, mean + Z95 * stderr] if stderr is not None else None
     return {"metric": metric, "mean": mean, "stderr": stderr, "ci95": ci, "n": n,
             "n_improved": int((d > 0).sum()), "n_worsened": int((d < 0).sum())}

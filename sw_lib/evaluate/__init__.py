@@ -10,8 +10,8 @@ from __future__ import annotations
 from .cache import EvalCache
 from .engine import run_task
 from .perplexity import perplexity
-from .stats import mean_stderr, paired_difference
+from .stats import mean_stderr
 from .tasks import TASKS, TaskSpec, UnknownTaskError, get_task
 
 __all__ = ["perplexity", "run_task", "EvalCache", "TASKS", "TaskSpec", "UnknownTaskError",
-           "get_task", "mean_stderr", "paired_difference"]
+           "get_task", "mean_stderr"]

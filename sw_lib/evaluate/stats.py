@@ -26,17 +26,3 @@ def mean_stderr(values: Sequence[float]) -> float | None:
 
 def summarize(values: Sequence[float]) -> dict:
     return {"value": mean(values), "stderr": mean_stderr(values)}
-
-
-def paired_difference(a: dict, b: dict, metric: str) -> dict:
-    """Change of `metric` from result `a` to result `b` (run_task outputs) on their shared items.
-
-    The standard error is that of the per-item differences, which is what makes a paired
-    comparison tighter than two independent errors.
-    """
-    a_items = {item["doc_id"]: item["correct"][metric] for item in a["per_item"]}
-    b_items = {item["doc_id"]: item["correct"][metric] for item in b["per_item"]}
-    shared = [doc_id for doc_id in a_items if doc_id in b_items]
-    diffs = [b_items[d] - a_items[d] for d in shared]
-    return {"metric": metric, "n": len(shared), "difference": mean(diffs),
-            "stderr": mean_stderr(diffs)}
