@@ -154,8 +154,13 @@ class Condition:
 
 
 def evaluate_condition(lm, edits: Iterable[WeightEdit], settings: StudySettings,
-                       cache=None) -> Condition:
-    """Perplexity and every task under `edits` (the evaluation engine restores the weights)."""
+                       cache=None, keep_layers: Iterable[int] = ()) -> Condition:
+    """Perplexity and every task under `edits` (the evaluation engine restores the weights).
+
+    keep_layers: for the baseline, the layers later conditions will edit; the engine keeps
+    their inputs so those conditions start at the edited layer instead of layer 0.
+    """
+    keep_layers = tuple(keep_layers)
     from . import evaluate
 
     edits = list(edits)
@@ -164,12 +169,13 @@ def evaluate_condition(lm, edits: Iterable[WeightEdit], settings: StudySettings,
     if not settings.skip_perplexity:
         condition.perplexity = evaluate.perplexity(
             lm, edits=edits, seq_len=settings.seq_len, n_windows=settings.perplexity_samples,
-            batch_size=settings.batch_size, cache=cache, progress=settings.progress)
+            batch_size=settings.batch_size, cache=cache, progress=settings.progress,
+            keep_layers=keep_layers)
     for task in settings.tasks():
         condition.tasks[task] = evaluate.run_task(
             lm, task, n_samples=settings.samples_for(task), edits=edits, cache=cache,
             shots=settings.shots_for(task), batch_size=settings.batch_size,
-            progress=settings.progress)
+            progress=settings.progress, keep_layers=keep_layers)
     condition.seconds = time.perf_counter() - start
     return condition
 
@@ -282,7 +288,8 @@ def individual_ablation(lm, weights: Sequence[dict], settings: StudySettings | N
     settings = settings or StudySettings()
     units = ablation_units(weights, unit)
     if baseline is None:
-        baseline = evaluate_condition(lm, [], settings, cache)
+        baseline = evaluate_condition(lm, [], settings, cache,
+                                      keep_layers={w["layer"] for w in weights})
     analyses = [_analysis(u, baseline, evaluate_condition(lm, u["edits"], settings, cache), i)
                 for i, u in enumerate(_progress(units, settings, "individual ablation"))]
     return {"unit": unit, "settings": settings.to_dict(), "baseline": summarize(baseline),
@@ -304,7 +311,8 @@ def combined_ablation(lm, weights: Sequence[dict], settings: StudySettings | Non
     if not weights:
         return result
     if baseline is None:
-        baseline = evaluate_condition(lm, [], settings, cache)
+        baseline = evaluate_condition(lm, [], settings, cache,
+                                      keep_layers=[min(w["layer"] for w in weights)])
     condition = evaluate_condition(lm, zero(weights), settings, cache)
     result.update(compare(baseline, condition))
     result["baseline"] = summarize(baseline)
