@@ -99,8 +99,7 @@ def resolve(spec: str) -> tuple[str, Path | str]:
     if spec in ALIASES:
         return "alias", locate_alias(spec)
     path = Path(os.path.expanduser(spec))
-    looks_like_path = (spec.endswith(".gguf") or spec.startswith((".", "/", "~"))
-                       or os.sep in spec and path.exists())
+    looks_like_path = spec.endswith(".gguf") or spec.startswith((".", "/", "~"))
     if path.exists():
         if path.is_file() and path.suffix == ".gguf":
             return "gguf", path
