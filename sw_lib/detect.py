@@ -154,8 +154,9 @@ def group_by_column(candidates: list[dict]) -> list[dict]:
 
 
 def reference_ids(tokenizer, n_tokens: int = DEFAULT_REFERENCE_TOKENS) -> torch.Tensor:
-    """The first `n_tokens` tokens of the bundled WikiText-2 test text."""
-    text = "".join(data.wikitext_rows()).strip()[: n_tokens * 8]  # ~4 characters a token
+    """The first `n_tokens` tokens of the bundled WikiText-2 test text, joined as the
+    perplexity evaluation joins it (rows with "\n\n"), so both read the same token stream."""
+    text = "\n\n".join(data.wikitext_rows())[: n_tokens * 8]  # ~4 characters a token
     ids = tokenizer(text, return_tensors="pt").input_ids[:, :n_tokens]
     return ids
 
