@@ -70,9 +70,16 @@ def _ratio_panel(ax, labels: list[str], impacts: list[dict | None], title: str) 
               and imp.get("perplexity_ratio") is not None]
     extent = [1.0]
     for _, imp in finite:
-        extent += [imp["perplexity_ratio"], *(imp.get("ratio_ci95") or [])]
-    low, high = min(extent) / 1.6, max(extent) * 4
-    ax.set_yscale("log")
+        extent += [v for v in [imp["perplexity_ratio"], *(imp.get("ratio_ci95") or [])]
+                   if v is not None and math.isfinite(v)]
+    any_destroyed = any(imp and _destroyed(imp) for imp in impacts)
+    log = any_destroyed or max(extent) / min(extent) >= 3
+    if log:
+        low, high = min(extent) / 1.6, max(extent) * 4
+        ax.set_yscale("log")
+    else:  # ratios close to 1: a linear axis shows the intervals
+        pad = 0.2 * (max(extent) - min(extent)) + 0.01
+        low, high = min(extent) - pad, max(extent) + 2 * pad
     ax.set_ylim(low, high)
     for i, imp in finite:
         ratio, ci, significant = imp["perplexity_ratio"], imp.get("ratio_ci95"), imp.get("significant")
@@ -100,17 +107,19 @@ def _ratio_panel(ax, labels: list[str], impacts: list[dict | None], title: str) 
     baseline = next((imp["baseline_perplexity"] for imp in impacts if imp), None)
     line_label = "baseline" + (f" (perplexity {baseline:.3g})" if baseline else "")
     ax.axhline(1.0, color=BASELINE_COLOR, linestyle="--", linewidth=1)
-    ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:,.0f}" if v >= 10 else f"{v:g}"))
-    ax.yaxis.set_minor_formatter(FuncFormatter(lambda v, _: ""))
-    if high / low < 1e3:  # a short range: ticks at 1-2-5 steps, else only 1 might show
-        ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    if log:
+        ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:,.0f}" if v >= 10
+                                                   else f"{v:g}"))
+        ax.yaxis.set_minor_formatter(FuncFormatter(lambda v, _: ""))
+        if high / low < 1e3:  # a short range: ticks at 1-2-5 steps, else only 1 might show
+            ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
     handles = [Line2D([], [], color=BASELINE_COLOR, linestyle="--", label=line_label),
                Line2D([], [], color="black", marker="_", markersize=10, label="bootstrap 95% CI"),
                Patch(facecolor="white", edgecolor=NOT_SIGNIFICANT, linestyle="--",
                      label="n.s.: CI holds 1")]
     ax.legend(handles=handles, loc="upper left", fontsize=7)
     ax.set_xticks(x, labels, rotation=30, ha="right", fontsize=8)
-    ax.set_ylabel("perplexity ratio, modified / baseline (log)")
+    ax.set_ylabel("perplexity ratio, modified / baseline" + (" (log)" if log else ""))
     ax.set_title(title)
 
 
@@ -141,16 +150,18 @@ def _change_point(ax, x: float, metric: dict, marker: str, color: str | None = N
                 markersize=6, markerfacecolor=edge if significant else "white",
                 markeredgecolor=edge, linewidth=1)
     top = ci[1] if ci else change
-    text = (f"{change:+.2f}" if label_value else "") + ("" if significant else " n.s.")
-    if text.strip():
-        ax.annotate(text.strip(), (x, top), ha="center", va="bottom", fontsize=7, xytext=(0, 2),
-                    textcoords="offset points", color="black" if significant else "dimgray")
+    lines = ([f"{change:+.2f}"] if label_value else []) + ([] if significant else ["n.s."])
+    if lines:
+        ax.annotate("\n".join(lines), (x, top), ha="center", va="bottom", fontsize=7,
+                    xytext=(0, 2), textcoords="offset points",
+                    color="black" if significant else "dimgray")
     return top
 
 
 def _change_axis(ax, extent: list[float]) -> None:
-    reach = max([0.1] + [abs(v) for v in extent if v is not None and np.isfinite(v)]) * 1.3
-    ax.set_ylim(-min(reach, 1.05), min(reach, 1.05))
+    """Symmetric around 0, with room for the labels above and the legend below."""
+    reach = min(max([0.1] + [abs(v) for v in extent if v is not None and np.isfinite(v)]), 1.0)
+    ax.set_ylim(-reach * 1.8, reach * 1.35)
     ax.axhline(0.0, color="black", linewidth=0.8)
 
 
@@ -166,6 +177,7 @@ def _accuracy_panel(ax, labels: list[str], impacts: list[dict | None], task: str
         mde = imp["paired_difference"].get("mde")
         if mde is not None:
             ax.bar(i, 2 * mde, bottom=-mde, width=0.8, color=MDE_COLOR, zorder=0)
+            extent.append(mde)
         for j, name in enumerate(names):
             metric = imp["metrics"].get(name)
             if metric:
