@@ -105,3 +105,16 @@ def test_combined_analysis_shows_intervals(individual, tmp_path):
     assert len([c for c in acc_ax.containers if isinstance(c, ErrorbarContainer)]) == 4
     assert _hollow_points(acc_ax) == 1 and "n.s." in _texts(acc_ax)
     assert (tmp_path / "combined.png").stat().st_size > 10_000
+
+
+def test_ratios_near_one_use_a_linear_axis_that_holds_their_intervals():
+    base = _condition(0.0, 0)
+    units = study.ablation_units(WEIGHTS[:2])
+    individual = {"analyses": [study._analysis(u, base, _condition(shift, 0), i)
+                               for i, (u, shift) in enumerate(zip(units, [0.02, 0.0]))]}
+    ax = ablation.impact_comparison(individual).axes[0]
+    assert ax.get_yscale() == "linear"
+    low, high = ax.get_ylim()
+    for a in individual["analyses"]:
+        ci = a["perplexity_impact"]["ratio_ci95"]
+        assert low < ci[0] <= ci[1] < high
