@@ -2,16 +2,24 @@
 
 A study evaluates a handful of *conditions* on the same items: the unmodified model (the
 baseline, computed once per study; the evaluation cache makes it once per model), each super
-weight (or each (layer, column) group) zeroed alone, and all of them zeroed together. Each
-ablated condition is compared with the baseline in the original script's JSON vocabulary:
+weight (or each (layer, column) group) zeroed alone, and all of them zeroed together. A
+condition equal to one already evaluated against the same baseline (all weights together when
+there is only one) is evaluated once, cache or not. Each ablated condition is compared with the
+baseline in the original script's JSON vocabulary, with the statistics of `evaluate.stats`:
 
-- `perplexity_impact`: baseline/modified WikiText-2 perplexity, ratio, increase, severity;
-- `accuracy_impacts[task]`: baseline/modified primary metric, drop, ratio, severity, every
-  metric of the task, and the paired difference (modified - baseline) over the same items with
-  its standard error and 95% confidence interval.
+- `perplexity_impact`: baseline/modified WikiText-2 perplexity, their ratio with a paired
+  bootstrap interval over windows, `significant` (the interval excludes 1) and a severity;
+  a non-finite modified perplexity is a destroyed model (`modified_perplexity_finite: false`).
+- `accuracy_impacts[task]`: per metric of the task (acc and acc_norm side by side where the
+  task has both), baseline, modified and the paired change over the same items with its
+  Tango score interval, exact McNemar p-value, discordant counts and minimum detectable
+  change; the primary metric's numbers are repeated at the top.
 
-Severity follows the original script: perplexity ratio >10 catastrophic, >3 severe, >1.5
-moderate, >1.1 mild; accuracy drop >0.5 catastrophic, >0.2 severe, >0.1 moderate, >0.05 mild.
+A severity label is given only where the change is significant (p < ALPHA, or the perplexity
+interval excludes 1); otherwise the label is "inconclusive", and a significant improvement is
+"improved". Severity thresholds follow the original script: perplexity ratio >10
+catastrophic, >3 severe, >1.5 moderate, >1.1 mild; accuracy drop >0.5 catastrophic, >0.2
+severe, >0.1 moderate, >0.05 mild (else "minimal").
 """
 from __future__ import annotations
 
@@ -23,14 +31,19 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterable, Sequence
 
-import numpy as np
-
+from . import ablate
 from .ablate import WeightEdit, weight_label, zero
-from .evaluate.stats import mean_stderr
+from .evaluate import stats
 
 PERPLEXITY_SEVERITY = ((10.0, "catastrophic"), (3.0, "severe"), (1.5, "moderate"), (1.1, "mild"))
 ACCURACY_SEVERITY = ((0.5, "catastrophic"), (0.2, "severe"), (0.1, "moderate"), (0.05, "mild"))
-Z95 = 1.959963984540054  # two-sided 95% normal quantile
+ALPHA = stats.ALPHA  # significance level of every accuracy test (exact McNemar, two-sided)
+CONFIDENCE = 0.95  # of every interval
+INCONCLUSIVE, IMPROVED = "inconclusive", "improved"
+ACCURACY_INTERVAL = "Tango score interval (paired difference of proportions)"
+ACCURACY_TEST = "exact McNemar (two-sided binomial on the discordant items)"
+PERPLEXITY_INTERVAL = (f"paired percentile bootstrap over windows ({stats.BOOTSTRAP_RESAMPLES} "
+                       f"resamples, seed {stats.BOOTSTRAP_SEED})")
 UNITS = ("weight", "group")
 
 # --- severity ------------------------------------------------------------------------------
@@ -55,6 +68,22 @@ def perplexity_severity(ratio: float | None) -> str:
 def accuracy_severity(drop: float) -> str:
     """Severity of an accuracy drop (baseline - modified, as a fraction)."""
     return _severity(drop, ACCURACY_SEVERITY)
+
+
+def perplexity_verdict(ratio: float | None, finite: bool, significant: bool) -> str:
+    """Severity of a perplexity change, given only where it is significant."""
+    if not finite:
+        return "catastrophic"  # the model no longer gives a finite perplexity
+    if not significant:
+        return INCONCLUSIVE
+    return IMPROVED if ratio < 1 else perplexity_severity(ratio)
+
+
+def accuracy_verdict(change: float, significant: bool) -> str:
+    """Severity of a paired accuracy change (modified - baseline), given only where significant."""
+    if not significant:
+        return INCONCLUSIVE
+    return IMPROVED if change > 0 else accuracy_severity(-change)
 
 
 # --- labels --------------------------------------------------------------------------------
@@ -142,6 +171,10 @@ class StudySettings:
         d["accuracy_tasks"] = list(self.accuracy_tasks)
         return d
 
+    def key(self) -> dict:
+        """What decides the evaluated items and numbers (progress bars do not)."""
+        return {k: v for k, v in self.to_dict().items() if k != "progress"}
+
 
 @dataclass
 class Condition:
@@ -151,6 +184,10 @@ class Condition:
     perplexity: dict | None = None
     tasks: dict[str, dict] = field(default_factory=dict)
     seconds: float = 0.0
+    settings: dict | None = None  # StudySettings.key() it was evaluated with
+    # For a baseline: the conditions evaluated against it, by (edits, settings), so a study
+    # never evaluates one twice, even without the on-disk cache.
+    evaluated: dict = field(default_factory=dict, repr=False, compare=False)
 
 
 def evaluate_condition(lm, edits: Iterable[WeightEdit], settings: StudySettings,
@@ -165,7 +202,7 @@ def evaluate_condition(lm, edits: Iterable[WeightEdit], settings: StudySettings,
 
     edits = list(edits)
     start = time.perf_counter()
-    condition = Condition(edits=edits)
+    condition = Condition(edits=edits, settings=settings.key())
     if not settings.skip_perplexity:
         condition.perplexity = evaluate.perplexity(
             lm, edits=edits, seq_len=settings.seq_len, n_windows=settings.perplexity_samples,
@@ -180,58 +217,109 @@ def evaluate_condition(lm, edits: Iterable[WeightEdit], settings: StudySettings,
     return condition
 
 
+def _condition_key(edits: Sequence[WeightEdit], settings: StudySettings) -> tuple:
+    return ablate.edits_key(edits), json.dumps(settings.key(), sort_keys=True)
+
+
+def evaluate_against(lm, baseline: Condition, edits: Iterable[WeightEdit],
+                     settings: StudySettings, cache=None) -> Condition:
+    """The condition `edits` on the baseline's items, evaluated at most once per baseline."""
+    edits = list(edits)
+    key = _condition_key(edits, settings)
+    if key not in baseline.evaluated:
+        baseline.evaluated[key] = evaluate_condition(lm, edits, settings, cache)
+    return baseline.evaluated[key]
+
+
 # --- comparing a condition with the baseline -----------------------------------------------
 
 
-def paired_difference(baseline_items: Sequence[dict], modified_items: Sequence[dict],
-                      metric: str) -> dict:
-    """Mean of (modified - baseline) per item for `metric`, with stderr and a 95% normal CI.
+def _outcomes(items: Sequence[dict], metric: str) -> dict:
+    return {item["doc_id"]: item["correct"][metric] for item in items}
 
-    Items are paired by `doc_id`; both sides must hold the same items. The standard error is
-    the sample standard deviation of the differences over sqrt(n) (None when n < 2).
+
+def paired_difference(baseline_items: Sequence[dict], modified_items: Sequence[dict],
+                      metric: str, alpha: float = ALPHA) -> dict:
+    """The paired change (modified - baseline) of a 0/1 `metric` over the same items.
+
+    Items are paired by `doc_id`; both sides must hold the same items. Returns the mean change
+    with its standard error, its CONFIDENCE interval (Tango's score interval, right at small
+    n and never [0, 0]), the exact McNemar p-value, the improved/worsened counts, the minimum
+    detectable change at this n and discordance (exact test at `alpha`, power 0.8) and
+    `significant` (p < alpha).
     """
-    base = {item["doc_id"]: item["correct"][metric] for item in baseline_items}
-    mod = {item["doc_id"]: item["correct"][metric] for item in modified_items}
+    base, mod = _outcomes(baseline_items, metric), _outcomes(modified_items, metric)
     if base.keys() != mod.keys():
         missing = sorted(base.keys() ^ mod.keys(), key=str)[:5]
         raise ValueError(f"paired difference of '{metric}': baseline and modified results hold "
                          f"different items (e.g. doc_id {missing}); evaluate both on the same items")
     ids = list(base)
-    d = np.array([float(mod[i]) - float(base[i]) for i in ids], dtype=np.float64)
-    n = len(d)
-    mean = float(d.mean()) if n else None
-    stderr = mean_stderr(d.tolist())  # the engine's (lm-eval's) standard error of the mean
-    ci = [mean - Z95 * stderr, mean + Z95 * stderr] if stderr is not None else None
-    return {"metric": metric, "mean": mean, "stderr": stderr, "ci95": ci, "n": n,
-            "n_improved": int((d > 0).sum()), "n_worsened": int((d < 0).sum())}
+    n = len(ids)
+    improved, worsened = stats.discordant_counts([base[i] for i in ids], [mod[i] for i in ids])
+    d = [float(mod[i]) - float(base[i]) for i in ids]
+    p_value = stats.mcnemar_p_value(improved, worsened)
+    ci = stats.paired_change_interval(improved, worsened, n, CONFIDENCE)
+    return {"metric": metric, "mean": (improved - worsened) / n if n else None,
+            "stderr": stats.mean_stderr(d), "ci95": None if ci is None else list(ci),
+            "interval": ACCURACY_INTERVAL, "n": n, "n_improved": improved,
+            "n_worsened": worsened, "n_discordant": improved + worsened,
+            "p_value": p_value, "test": ACCURACY_TEST, "alpha": alpha,
+            "mde": stats.minimum_detectable_change(n, (improved + worsened) / n, alpha)
+            if n else None,
+            "significant": p_value < alpha}
 
 
 def perplexity_impact(baseline: dict, modified: dict) -> dict:
-    """Compare two perplexity results (the original script's `perplexity_impact`)."""
+    """Compare two perplexity results: ratio, its bootstrap interval over windows, verdict.
+
+    `significant` when the interval excludes 1, or when the modified perplexity is not finite
+    (a destroyed model: `modified_perplexity_finite` is false, and its JSON values are null).
+    """
     base, mod = float(baseline["perplexity"]), float(modified["perplexity"])
+    finite = math.isfinite(mod)
     ratio = mod / base if base > 0 else None
-    return {"baseline_perplexity": base, "modified_perplexity": mod, "perplexity_ratio": ratio,
-            "perplexity_increase": mod - base, "impact_severity": perplexity_severity(ratio),
+    if baseline.get("windows") != modified.get("windows"):
+        raise ValueError("perplexity impact: baseline and modified were evaluated on different "
+                         "windows; evaluate both with the same perplexity settings")
+    interval = None
+    if baseline.get("per_window_nll") is not None and modified.get("per_window_nll") is not None:
+        per_window_tokens = baseline["n_tokens"] / baseline["n_windows"]
+        interval = stats.perplexity_ratio_interval(
+            baseline["per_window_nll"], modified["per_window_nll"], per_window_tokens,
+            CONFIDENCE)
+    significant = not finite or (interval is not None and (interval[0] > 1 or interval[1] < 1))
+    return {"baseline_perplexity": base, "modified_perplexity": mod,
+            "modified_perplexity_finite": finite, "perplexity_ratio": ratio,
+            "ratio_ci95": None if interval is None else list(interval),
+            "interval": PERPLEXITY_INTERVAL, "significant": significant,
+            "perplexity_increase": mod - base,
+            "impact_severity": perplexity_verdict(ratio, finite, significant),
             "dataset_info": baseline.get("dataset_info"),
             "n_windows": baseline.get("n_windows"), "n_tokens": baseline.get("n_tokens")}
 
 
+def metric_impact(baseline: dict, modified: dict, metric: str) -> dict:
+    """One metric of one task: baseline and modified {value, stderr}, the paired change, verdict."""
+    diff = paired_difference(baseline["per_item"], modified["per_item"], metric)
+    return {"baseline": baseline["metrics"][metric], "modified": modified["metrics"][metric],
+            "paired_difference": diff,
+            "impact_severity": accuracy_verdict(diff["mean"], diff["significant"])}
+
+
 def accuracy_impact(baseline: dict, modified: dict) -> dict:
-    """Compare two results of one task (the original script's `accuracy_impacts[task]`)."""
+    """Compare two results of one task, every metric side by side (`metrics`); the primary
+    metric's numbers are also at the top (the original script's `accuracy_impacts[task]`)."""
     primary = baseline["primary_metric"]
-    base = float(baseline["metrics"][primary]["value"])
-    mod = float(modified["metrics"][primary]["value"])
-    drop = base - mod
-    metrics = {}
-    for name, value in baseline["metrics"].items():
-        metrics[name] = {"baseline": value, "modified": modified["metrics"][name],
-                         "paired_difference": paired_difference(
-                             baseline["per_item"], modified["per_item"], name)}
+    metrics = {name: metric_impact(baseline, modified, name) for name in baseline["metrics"]}
+    head = metrics[primary]
+    base, mod = float(head["baseline"]["value"]), float(head["modified"]["value"])
     return {"primary_metric": primary, "baseline_accuracy": base, "modified_accuracy": mod,
-            "accuracy_drop": drop, "accuracy_ratio": mod / base if base > 0 else None,
-            "impact_severity": accuracy_severity(drop), "n_samples": baseline["n_samples"],
+            "accuracy_drop": base - mod, "accuracy_ratio": mod / base if base > 0 else None,
+            "p_value": head["paired_difference"]["p_value"],
+            "significant": head["paired_difference"]["significant"],
+            "impact_severity": head["impact_severity"], "n_samples": baseline["n_samples"],
             "n_requested": baseline.get("n_requested"), "capped": baseline.get("capped"),
-            "metrics": metrics, "paired_difference": metrics[primary]["paired_difference"]}
+            "metrics": metrics, "paired_difference": head["paired_difference"]}
 
 
 def compare(baseline: Condition, modified: Condition) -> dict:
@@ -251,6 +339,8 @@ def summarize(condition: Condition) -> dict:
             "dataset_info": None if ppl is None else ppl.get("dataset_info"),
             "accuracy": {task: r["metrics"][r["primary_metric"]]["value"]
                          for task, r in condition.tasks.items()},
+            "metrics": {task: {name: m["value"] for name, m in r["metrics"].items()}
+                        for task, r in condition.tasks.items()},
             "primary_metric": {task: r["primary_metric"] for task, r in condition.tasks.items()},
             "seconds": condition.seconds}
 
@@ -290,7 +380,8 @@ def individual_ablation(lm, weights: Sequence[dict], settings: StudySettings | N
     if baseline is None:
         baseline = evaluate_condition(lm, [], settings, cache,
                                       keep_layers={w["layer"] for w in weights})
-    analyses = [_analysis(u, baseline, evaluate_condition(lm, u["edits"], settings, cache), i)
+    analyses = [_analysis(u, baseline, evaluate_against(lm, baseline, u["edits"], settings, cache),
+                          i)
                 for i, u in enumerate(_progress(units, settings, "individual ablation"))]
     return {"unit": unit, "settings": settings.to_dict(), "baseline": summarize(baseline),
             "analyses": analyses}
@@ -301,26 +392,30 @@ def combined_ablation(lm, weights: Sequence[dict], settings: StudySettings | Non
     """Zero every super weight together and compare with the baseline.
 
     Returns {"label", "super_weights", "settings", "baseline": summary, "perplexity_impact",
-    "accuracy_impacts", "seconds"}; with no weights the impacts are None / {}.
+    "accuracy_impacts", "seconds", "reused"}; with no weights the impacts are None / {}.
+    `reused` is true when the same condition was already evaluated against this `baseline`
+    (e.g. by `individual_ablation` with a single weight) and its results were taken as they are.
     """
     settings = settings or StudySettings()
     weights = list(weights)
     result = {"label": "all " + str(len(weights)) + " super weights", "super_weights": weights,
               "settings": settings.to_dict(), "baseline": None, "perplexity_impact": None,
-              "accuracy_impacts": {}, "seconds": 0.0}
+              "accuracy_impacts": {}, "seconds": 0.0, "reused": False}
     if not weights:
         return result
     if baseline is None:
         baseline = evaluate_condition(lm, [], settings, cache,
                                       keep_layers=[min(w["layer"] for w in weights)])
-    condition = evaluate_condition(lm, zero(weights), settings, cache)
+    edits = zero(weights)
+    result["reused"] = _condition_key(edits, settings) in baseline.evaluated
+    condition = evaluate_against(lm, baseline, edits, settings, cache)
     result.update(compare(baseline, condition))
     result["baseline"] = summarize(baseline)
     result["seconds"] = condition.seconds
     return result
 
 
-# --- detection input and tables (what the notebooks show) ----------------------------------
+# --- detection input ----------------------------------------------------------------------
 
 
 def find_detection_json(output_dir: str | Path, detection_json: str | Path | None = None) -> Path:
@@ -344,29 +439,3 @@ def load_detection(path: str | Path) -> dict:
     if not isinstance(detection.get("super_weights"), list):
         raise ValueError(f"'{path}' is not a detection JSON: it has no 'super_weights' list")
     return detection
-
-
-def perplexity_rows(analyses: Sequence[dict]) -> list[dict]:
-    """One row per condition: label, baseline/modified perplexity, ratio, severity."""
-    rows = []
-    for a in analyses:
-        p = a.get("perplexity_impact")
-        if p:
-            rows.append({"condition": a["label"], "baseline": p["baseline_perplexity"],
-                         "modified": p["modified_perplexity"], "ratio": p["perplexity_ratio"],
-                         "severity": p["impact_severity"]})
-    return rows
-
-
-def accuracy_rows(analyses: Sequence[dict]) -> list[dict]:
-    """One row per (condition, task): primary metric before/after, drop, paired 95% CI."""
-    rows = []
-    for a in analyses:
-        for task, i in (a.get("accuracy_impacts") or {}).items():
-            ci = i["paired_difference"]["ci95"]
-            rows.append({"condition": a["label"], "task": task, "metric": i["primary_metric"],
-                         "n": i["n_samples"], "baseline": i["baseline_accuracy"],
-                         "modified": i["modified_accuracy"], "drop": i["accuracy_drop"],
-                         "change 95% CI": "n/a" if ci is None else f"[{ci[0]:+.3f}, {ci[1]:+.3f}]",
-                         "severity": i["impact_severity"]})
-    return rows

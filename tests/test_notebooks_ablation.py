@@ -24,29 +24,39 @@ COORD = {"type": "object", "required": ["layer", "row", "column", "expert", "sha
          "properties": {"layer": {"type": "integer"}, "row": {"type": "integer"},
                         "column": {"type": "integer"}}}
 NUMBER = {"type": "number"}
+SEVERITIES = ["inconclusive", "improved", "minimal", "mild", "moderate", "severe", "catastrophic"]
+PAIRED = {"type": "object",
+          "required": ["mean", "stderr", "ci95", "n", "n_improved", "n_worsened", "p_value",
+                       "mde", "significant"],
+          "properties": {"p_value": {"type": "number", "minimum": 0, "maximum": 1},
+                         "ci95": {"type": "array", "items": NUMBER, "minItems": 2},
+                         "significant": {"type": "boolean"}}}
 PERPLEXITY_IMPACT = {
     "type": "object",
-    "required": ["baseline_perplexity", "modified_perplexity", "perplexity_ratio",
-                 "perplexity_increase", "impact_severity", "dataset_info"],
+    "required": ["baseline_perplexity", "modified_perplexity", "modified_perplexity_finite",
+                 "perplexity_ratio", "ratio_ci95", "significant", "perplexity_increase",
+                 "impact_severity", "dataset_info"],
     "properties": {"baseline_perplexity": NUMBER, "modified_perplexity": NUMBER,
+                   "modified_perplexity_finite": {"const": True},
                    "perplexity_ratio": NUMBER, "perplexity_increase": NUMBER,
-                   "impact_severity": {"enum": ["minimal", "mild", "moderate", "severe",
-                                                "catastrophic"]},
+                   "ratio_ci95": {"type": "array", "items": NUMBER, "minItems": 2, "maxItems": 2},
+                   "significant": {"type": "boolean"},
+                   "impact_severity": {"enum": SEVERITIES},
                    "dataset_info": {"type": "object", "required": ["windows_used"]}}}
 ACCURACY_IMPACT = {
     "type": "object",
     "required": ["baseline_accuracy", "modified_accuracy", "accuracy_drop", "accuracy_ratio",
-                 "impact_severity", "n_samples", "metrics", "paired_difference",
-                 "primary_metric"],
+                 "p_value", "significant", "impact_severity", "n_samples", "metrics",
+                 "paired_difference", "primary_metric"],
     "properties": {"baseline_accuracy": NUMBER, "modified_accuracy": NUMBER,
                    "accuracy_drop": NUMBER, "n_samples": {"type": "integer"},
-                   "impact_severity": {"enum": ["minimal", "mild", "moderate", "severe",
-                                                "catastrophic"]},
-                   "paired_difference": {"type": "object",
-                                         "required": ["mean", "stderr", "ci95", "n"]},
+                   "impact_severity": {"enum": SEVERITIES},
+                   "paired_difference": PAIRED,
                    "metrics": {"type": "object", "additionalProperties": {
-                       "type": "object", "required": ["baseline", "modified",
-                                                      "paired_difference"]}}}}
+                       "type": "object",
+                       "required": ["baseline", "modified", "paired_difference", "impact_severity"],
+                       "properties": {"paired_difference": PAIRED,
+                                      "impact_severity": {"enum": SEVERITIES}}}}}}
 IMPACTS = {"perplexity_impact": PERPLEXITY_IMPACT,
            "accuracy_impacts": {"type": "object", "additionalProperties": ACCURACY_IMPACT,
                                 "required": TASKS}}
@@ -54,13 +64,13 @@ INDIVIDUAL_SCHEMA = {
     "type": "object",
     "required": ["schema", "model", "fingerprint", "run_timestamp", "settings", "index", "label",
                  "super_weight", "perplexity_impact", "accuracy_impacts", "baseline"],
-    "properties": {"schema": {"const": "sw-individual/1"}, "run_timestamp": {"const": TS},
+    "properties": {"schema": {"const": "sw-individual/2"}, "run_timestamp": {"const": TS},
                    "super_weight": COORD, **IMPACTS}}
 COMBINED_SCHEMA = {
     "type": "object",
     "required": ["schema", "model", "fingerprint", "run_timestamp", "settings", "super_weights",
                  "perplexity_impact", "accuracy_impacts", "individual", "baseline"],
-    "properties": {"schema": {"const": "sw-combined/1"}, "run_timestamp": {"const": TS},
+    "properties": {"schema": {"const": "sw-combined/2"}, "run_timestamp": {"const": TS},
                    "super_weights": {"type": "array", "items": COORD}, **IMPACTS}}
 
 
@@ -151,6 +161,16 @@ def test_notebooks_02_and_03_on_a_planted_tiny_model(tiny_folder, tiny_lm, tmp_p
         assert accuracy["mmlu"]["primary_metric"] == "acc"
     summary = json.loads((out / "data" / f"individual_summary_{TS}.json").read_text())
     assert [a["label"] for a in summary["analyses"]] == ["L1 [5, 7]", "L2 [11, 20]"]
+    for entry, record in zip(summary["analyses"], individual):
+        # Both metrics of a task side by side, each with its own interval and test.
+        arc = entry["accuracy"]["arc_easy"]
+        assert set(arc["metrics"]) == {"acc", "acc_norm"} and arc["primary_metric"] == "acc_norm"
+        for name, metric in arc["metrics"].items():
+            full = record["accuracy_impacts"]["arc_easy"]["metrics"][name]
+            assert metric["p_value"] == full["paired_difference"]["p_value"]
+            assert metric["ci95"] == full["paired_difference"]["ci95"]
+            assert metric["impact_severity"] == full["impact_severity"]
+        assert entry["perplexity_ratio_ci95"] == record["perplexity_impact"]["ratio_ci95"]
     _png_ok(out / "plots" / "impact_comparison.png")
 
     # 03 reuses 02's cached baseline and individual conditions: those files stay untouched.

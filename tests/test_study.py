@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import json
 import math
 
 import numpy as np
@@ -10,8 +11,8 @@ import torch
 from conftest import assert_bit_identical, weights_snapshot
 
 from sw_lib import study
-from sw_lib.evaluate import prefix
 from sw_lib.ablate import WeightEdit
+from sw_lib.evaluate import prefix, stats
 
 # --- severity ------------------------------------------------------------------------------
 
@@ -45,7 +46,12 @@ def _items(correct, ids, metric="acc"):
             for i, c in zip(ids, correct)]
 
 
-def test_paired_difference_equals_brute_force_numpy():
+def _two_sided_binomial(improved, worsened):
+    d = improved + worsened
+    return min(1.0, 2 * sum(math.comb(d, j) for j in range(min(improved, worsened) + 1)) / 2 ** d)
+
+
+def test_paired_difference_equals_brute_force():
     rng = np.random.default_rng(0)
     n = 57
     base = rng.integers(0, 2, n)
@@ -57,15 +63,17 @@ def test_paired_difference_equals_brute_force_numpy():
 
     d = mod.astype(float) - base.astype(float)
     mean = d.sum() / n
-    var = ((d - mean) ** 2).sum() / (n - 1)
-    se = math.sqrt(var) / math.sqrt(n)
-    assert got["n"] == n
-    assert got["mean"] == pytest.approx(mean, abs=1e-12)
+    se = math.sqrt(((d - mean) ** 2).sum() / (n - 1)) / math.sqrt(n)
+    improved, worsened = int((d > 0).sum()), int((d < 0).sum())
+    assert got["n"] == n and got["mean"] == pytest.approx(mean, abs=1e-12)
     assert got["stderr"] == pytest.approx(se, abs=1e-12)
-    assert got["ci95"] == pytest.approx([mean - 1.959963984540054 * se,
-                                         mean + 1.959963984540054 * se], abs=1e-12)
-    assert got["n_improved"] == int((d > 0).sum()) and got["n_worsened"] == int((d < 0).sum())
+    assert (got["n_improved"], got["n_worsened"]) == (improved, worsened)
+    assert got["n_discordant"] == improved + worsened
+    assert got["p_value"] == pytest.approx(_two_sided_binomial(improved, worsened), rel=1e-12)
+    assert got["ci95"] == list(stats.paired_change_interval(improved, worsened, n))
     assert got["ci95"][0] < got["mean"] < got["ci95"][1]
+    assert got["mde"] == stats.minimum_detectable_change(n, (improved + worsened) / n)
+    assert got["significant"] == (got["p_value"] < 0.05)
 
 
 def test_paired_difference_needs_the_same_items():
@@ -73,14 +81,17 @@ def test_paired_difference_needs_the_same_items():
         study.paired_difference(_items([1, 0], [0, 1]), _items([1, 0], [0, 2]), "acc")
 
 
-def test_paired_difference_single_item_has_no_stderr():
+def test_paired_difference_of_a_single_item_is_inconclusive():
     got = study.paired_difference(_items([1], [0]), _items([0], [0]), "acc")
-    assert got["mean"] == -1.0 and got["stderr"] is None and got["ci95"] is None
+    assert got["mean"] == -1.0 and got["stderr"] is None
+    assert got["p_value"] == 1.0 and not got["significant"] and got["mde"] is None
+    assert got["ci95"][0] == -1.0 and got["ci95"][1] > 0
 
 
-def _task_result(correct, ids, primary="acc_norm", other="acc"):
+def _task_result(correct, ids, other=None, primary="acc_norm"):
+    other = 1 - np.asarray(correct) if other is None else np.asarray(other)
     items = [{"doc_id": i, "gold": 0, "pred": 0,
-              "correct": {primary: int(c), other: int(1 - c)}} for i, c in zip(ids, correct)]
+              "correct": {primary: int(c), "acc": int(o)}} for i, c, o in zip(ids, correct, other)]
     n = len(items)
 
     def metric(values):
@@ -89,10 +100,10 @@ def _task_result(correct, ids, primary="acc_norm", other="acc"):
 
     return {"task": "t", "primary_metric": primary, "n_samples": n, "n_requested": n,
             "capped": False, "per_item": items,
-            "metrics": {primary: metric(correct), other: metric(1 - np.asarray(correct))}}
+            "metrics": {primary: metric(correct), "acc": metric(other)}}
 
 
-def test_accuracy_impact_fields():
+def test_accuracy_impact_labels_severity_only_when_significant():
     ids = list(range(10))
     base = _task_result([1, 1, 1, 1, 1, 1, 0, 0, 0, 0], ids)
     mod = _task_result([1, 1, 0, 0, 0, 0, 0, 0, 0, 1], ids)
@@ -101,22 +112,77 @@ def test_accuracy_impact_fields():
     assert got["modified_accuracy"] == pytest.approx(0.3)
     assert got["accuracy_drop"] == pytest.approx(0.3)
     assert got["accuracy_ratio"] == pytest.approx(0.5)
-    assert got["impact_severity"] == "severe"
+    # A drop of 0.3 used to read "severe"; 4 worsened vs 1 improved of 10 is not significant.
+    assert got["p_value"] == pytest.approx(_two_sided_binomial(1, 4))
+    assert not got["significant"] and got["impact_severity"] == "inconclusive"
     assert got["n_samples"] == 10
+    # Both metrics side by side, each with its own test (acc moves the other way here).
     assert set(got["metrics"]) == {"acc_norm", "acc"}
     assert got["metrics"]["acc"]["modified"]["value"] == pytest.approx(0.7)
-    # The paired difference's mean is the change of the accuracy.
     assert got["paired_difference"]["mean"] == pytest.approx(-0.3)
     assert got["metrics"]["acc"]["paired_difference"]["mean"] == pytest.approx(0.3)
+    assert got["metrics"]["acc"]["impact_severity"] == "inconclusive"
 
 
-def test_perplexity_impact_fields():
-    base = {"perplexity": 12.0, "dataset_info": {"name": "wikitext"}, "n_windows": 2,
-            "n_tokens": 100}
-    got = study.perplexity_impact(base, {"perplexity": 48.0})
-    assert got["perplexity_ratio"] == 4.0 and got["perplexity_increase"] == 36.0
-    assert got["impact_severity"] == "severe"
-    assert got["dataset_info"] == {"name": "wikitext"}
+def test_accuracy_impact_significant_drop_and_improvement():
+    ids = list(range(30))
+    base = _task_result([1] * 20 + [0] * 10, ids, other=[0] * 30)
+    # acc_norm: 10 of the 20 correct items lost, none gained; acc: 8 gained, none lost.
+    mod = _task_result([1] * 10 + [0] * 20, ids, other=[1] * 8 + [0] * 22)
+    got = study.accuracy_impact(base, mod)
+    norm, acc = got["metrics"]["acc_norm"], got["metrics"]["acc"]
+    assert norm["paired_difference"]["p_value"] == pytest.approx(2 / 2 ** 10)
+    assert got["significant"] and got["impact_severity"] == "severe"  # drop 1/3
+    assert norm["impact_severity"] == "severe"
+    assert acc["paired_difference"]["p_value"] == pytest.approx(2 / 2 ** 8)
+    assert acc["paired_difference"]["significant"] and acc["impact_severity"] == "improved"
+
+
+def _ppl(nll, tokens=99):
+    nll = np.asarray(nll, float)
+    return {"perplexity": math.exp(nll.sum() / (nll.size * tokens)), "per_window_nll": nll.tolist(),
+            "n_windows": nll.size, "n_tokens": nll.size * tokens, "windows": list(range(nll.size)),
+            "dataset_info": {"name": "wikitext"}}
+
+
+def test_perplexity_impact_interval_and_verdict():
+    rng = np.random.default_rng(1)
+    base_nll = rng.normal(300, 20, 8)
+    worse = study.perplexity_impact(_ppl(base_nll), _ppl(base_nll + 99 * np.log(4.0)))
+    assert worse["perplexity_ratio"] == pytest.approx(4.0)
+    assert worse["ratio_ci95"] == pytest.approx([4.0, 4.0])  # every window moved alike
+    assert worse["significant"] and worse["impact_severity"] == "severe"
+    assert worse["modified_perplexity_finite"] and worse["dataset_info"] == {"name": "wikitext"}
+
+    # Windows that disagree: the ratio's interval holds 1, so no severity is given.
+    mod_nll = base_nll + rng.normal(5, 60, 8)
+    noisy = study.perplexity_impact(_ppl(base_nll), _ppl(mod_nll))
+    assert noisy["ratio_ci95"] == list(stats.perplexity_ratio_interval(base_nll, mod_nll, 99))
+    low, high = noisy["ratio_ci95"]
+    assert low < 1 < high and not noisy["significant"]
+    assert noisy["impact_severity"] == "inconclusive"
+
+
+def test_destroyed_model_is_catastrophic_and_survives_json():
+    from sw_lib import results
+
+    base = _ppl([300.0, 310.0])
+    destroyed = {**_ppl([300.0, 310.0]), "perplexity": math.inf,
+                 "per_window_nll": [math.inf, math.inf]}
+    got = study.perplexity_impact(base, destroyed)
+    assert got["impact_severity"] == "catastrophic" and got["significant"]
+    assert got["ratio_ci95"] is None
+    written = json.loads(json.dumps(results.jsonable(got)))
+    # inf becomes null; the explicit flag tells "destroyed" from "not measured".
+    assert written["modified_perplexity"] is None and written["perplexity_ratio"] is None
+    assert written["modified_perplexity_finite"] is False
+    nan = study.perplexity_impact(base, {**destroyed, "perplexity": math.nan})
+    assert nan["impact_severity"] == "catastrophic" and not nan["modified_perplexity_finite"]
+
+
+def test_perplexity_impact_needs_the_same_windows():
+    with pytest.raises(ValueError, match="different windows"):
+        study.perplexity_impact(_ppl([1.0, 2.0]), {**_ppl([1.0, 2.0]), "windows": [0, 5]})
 
 
 # --- conditions and labels -----------------------------------------------------------------
@@ -254,6 +320,19 @@ def test_individual_and_combined_equal_brute_force_zeroing(planted, tmp_path):
         assert acc["modified_accuracy"] == ref_task["metrics"]["acc_norm"]["value"]
         assert acc["metrics"]["acc"]["modified"]["value"] == ref_task["metrics"]["acc"]["value"]
         assert acc["n_samples"] == 4
+        # The paired statistics are those of the brute-force per-item outcomes.
+        for metric in ("acc", "acc_norm"):
+            was = {i["doc_id"]: i["correct"][metric] for i in baseline.tasks["arc_easy"]["per_item"]}
+            now = {i["doc_id"]: i["correct"][metric] for i in ref_task["per_item"]}
+            up = sum(now[k] > was[k] for k in was)
+            down = sum(now[k] < was[k] for k in was)
+            diff = acc["metrics"][metric]["paired_difference"]
+            assert (diff["n_improved"], diff["n_worsened"]) == (up, down)
+            assert diff["p_value"] == pytest.approx(_two_sided_binomial(up, down))
+        # Windows are paired: the ratio's interval comes from the same per-window losses.
+        assert impact["ratio_ci95"] == list(stats.perplexity_ratio_interval(
+            baseline.perplexity["per_window_nll"], ref_ppl["per_window_nll"],
+            settings.seq_len - 1))
 
     # Zeroing a planted weight changes the model's outputs; all together more than the first.
     ratios = [a["perplexity_impact"]["perplexity_ratio"] for a in individual["analyses"]]
@@ -298,42 +377,39 @@ def test_skips_and_empty_weights(planted, tmp_path):
     assert nothing["accuracy_impacts"] == {} and cache.misses == 2 * settings.accuracy_samples
 
 
-# --- figures -------------------------------------------------------------------------------
+def _count_batches(lm):
+    """Count decoder forward calls (one per evaluated batch)."""
+    calls = []
+    handle = lm.model.model.register_forward_hook(lambda *args: calls.append(1))
+    return calls, handle
 
 
-def _condition(ppl, accuracy, n=20, seed=0):
-    rng = np.random.default_rng(seed)
-    correct = (rng.random(n) < accuracy).astype(int)
-    task = {"primary_metric": "acc_norm", "n_samples": n,
-            "metrics": {"acc_norm": {"value": float(correct.mean()), "stderr": 0.1}},
-            "per_item": [{"doc_id": i, "correct": {"acc_norm": int(c)}}
-                         for i, c in enumerate(correct)]}
-    return study.Condition(edits=[], perplexity={"perplexity": ppl, "dataset_info": {}},
-                           tasks={"arc_easy": task})
+@pytest.mark.parametrize("weights, unit", [(PLANTED[:1], "weight"), (PLANTED[1:], "group")])
+def test_no_condition_is_evaluated_twice_even_without_cache(planted, weights, unit):
+    """One weight (or one (layer, column) group): all together is the individual condition."""
+    settings = study.StudySettings(**SETTINGS)
+    study.evaluate_condition(planted, [], settings, cache=False)  # one-time checks run first
+    calls, handle = _count_batches(planted)
+    try:
+        baseline = study.evaluate_condition(planted, [], settings, cache=False)
+        per_condition = len(calls)
+        individual = study.individual_ablation(planted, weights, settings, unit=unit,
+                                               cache=False, baseline=baseline)
+        combined = study.combined_ablation(planted, weights, settings, cache=False,
+                                           baseline=baseline)
+    finally:
+        handle.remove()
+    assert per_condition > 0 and len(calls) == 2 * per_condition  # baseline + one condition
+    assert combined["reused"] is True
+    alone = individual["analyses"][0]
+    assert combined["perplexity_impact"] == alone["perplexity_impact"]
+    assert combined["accuracy_impacts"] == alone["accuracy_impacts"]
 
-
-def test_figures_label_weights_and_values(tmp_path):
-    import matplotlib
-    matplotlib.use("Agg")
-    from sw_lib.plots import ablation
-
-    weights = [_w(2, 507, 90), _w(11, 507, 1229, expert=3)]
-    base = _condition(21.34, 0.5)
-    units = study.ablation_units(weights)
-    individual = {"analyses": [study._analysis(u, base, _condition(p, 0.4, seed=i), i)
-                               for i, (u, p) in enumerate(zip(units, [31.55, 1208.7]))]}
-    fig = ablation.impact_comparison(individual, tmp_path / "impact.png")
-    ppl_ax, acc_ax = fig.axes[:2]
-    assert ppl_ax.get_yscale() == "log"
-    assert [t.get_text() for t in ppl_ax.get_xticklabels()] == ["L2 [507, 90]",
-                                                                "L11 E3 [507, 1229]"]
-    assert [t.get_text() for t in ppl_ax.texts] == ["31.55", "1,209"]
-    assert acc_ax.get_title().startswith("arc_easy (acc_norm, n=20)")
-    assert (tmp_path / "impact.png").stat().st_size > 10_000
-
-    combined = {"super_weights": weights, **study.compare(base, _condition(5000.0, 0.3))}
-    fig = ablation.combined_analysis(individual, combined, tmp_path / "combined.png")
-    labels = [t.get_text() for t in fig.axes[0].get_xticklabels()]
-    assert labels == ["baseline", "L2 [507, 90]", "L11 E3 [507, 1229]", "all combined"]
-    assert [t.get_text() for t in fig.axes[0].texts] == ["21.34", "31.55", "1,209", "5,000"]
-    assert (tmp_path / "combined.png").stat().st_size > 10_000
+    # Two weights in different columns: the combined condition is new and is evaluated.
+    calls, handle = _count_batches(planted)
+    try:
+        again = study.combined_ablation(planted, PLANTED[:2], settings, cache=False,
+                                        baseline=baseline)
+    finally:
+        handle.remove()
+    assert again["reused"] is False and len(calls) == per_condition
