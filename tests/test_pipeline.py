@@ -15,7 +15,8 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from sw_lib import config, pipeline, reports, results
+from sw_lib import config, gguf_header, models, pipeline, reports, results, runner
+from sw_lib import stages as stage_table
 from sw_lib.plots import comparison
 
 REPO = Path(__file__).resolve().parents[1]
@@ -31,6 +32,10 @@ def write(path, data):
     path = out / path
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(data))
+def figure(name, values=(0, 1)):
+    (out / "plots").mkdir(parents=True, exist_ok=True)
+    fig, ax = plt.subplots(); ax.plot(values)
+    fig.savefig(out / "plots" / f"{name}_{run_timestamp}.png"); plt.show()
 '''
 
 STAGES = {
@@ -46,8 +51,8 @@ write(f"data/detection_{run_timestamp}.json",
        "confirm_ratio": confirm_ratio,
        "saw_accuracy_samples": "accuracy_samples" in globals(),
        "undeclared_default": undeclared_default})
-fig, ax = plt.subplots(); ax.plot([0, 1], [0, spike_threshold])
-fig.savefig(out / "plots" / "detection_iterations.png"); plt.show()
+figure("detection_iterations", [0, spike_threshold])
+figure("super_weight_distribution")
 '''),
     "02_individual_ablation": ('model = ""\noutput_dir = ""\nrun_timestamp = ""\n'
                                'accuracy_samples = 1', '''
@@ -57,13 +62,15 @@ for i, w in enumerate(det["super_weights"]):
           {"index": i, "super_weight": w,
            "perplexity_impact": {"perplexity_ratio": 2.0 + i},
            "accuracy_impacts": {"hellaswag": {"accuracy_drop": 0.1 * (i + 1)}}})
-fig, ax = plt.subplots(); ax.bar([0, 1], [1, accuracy_samples]); plt.show()
+write(f"data/individual_summary_{run_timestamp}.json", {"count": len(det["super_weights"])})
+figure("impact_comparison", [1, accuracy_samples])
 '''),
     "03_combined_ablation": ('model = ""\noutput_dir = ""\nrun_timestamp = ""', '''
 write(f"data/combined_analysis_{run_timestamp}.json",
       {"perplexity_impact": {"baseline_perplexity": 10.0, "modified_perplexity": 80.0,
                              "perplexity_ratio": 8.0, "impact_severity": "severe"},
        "accuracy_impacts": {"hellaswag": {"baseline_accuracy": 0.5, "accuracy_drop": 0.25}}})
+figure("combined_analysis")
 '''),
 }
 
@@ -86,11 +93,12 @@ def stand_in_notebooks(folder: Path) -> Path:
     return folder
 
 
-def tiny_folder(path: Path, layers: int = 4) -> str:
-    """A local model folder as far as resolving goes: a real llama config.json."""
+def tiny_folder(path: Path, model_type: str = "llama") -> str:
+    """A local model folder (config.json and weights) of a tiny random model; the stand-in
+    notebooks only read its config."""
     from sw_lib import tiny
 
-    tiny.tiny_config("llama", vocab_size=128, num_hidden_layers=layers).save_pretrained(path)
+    tiny.tiny_model(model_type, vocab_size=128).save_pretrained(path)
     return str(path)
 
 
@@ -124,8 +132,9 @@ def test_run_records_and_resume_redoes_only_unfinished_work(tmp_path):
     assert [stages[s]["status"] for s in ("resolve", *results.MODEL_STAGES)] == \
         ["ok", "ok", "ok", "failed", "skipped"]
     assert stages["04_moe_routing"]["reason"] == "not a mixture-of-experts model"
-    assert stages["01_detection"]["outputs"] == \
-        [f"data/detection_{first.ts}.json", "plots/detection_iterations.png"]
+    assert stages["01_detection"]["outputs"] == [
+        f"data/detection_{first.ts}.json", f"plots/detection_iterations_{first.ts}.png",
+        f"plots/super_weight_distribution_{first.ts}.png"]
     assert stages["01_detection"]["seconds"] > 0 and analysis["status"] == "failed"
     assert analysis["family"] == "llama" and analysis["is_moe"] is False
     assert analysis["config"] == cfg and len(analysis["individual"]) == 2
@@ -151,7 +160,7 @@ def test_run_records_and_resume_redoes_only_unfinished_work(tmp_path):
     second = pipeline.run(cfg, resume)
     assert second.ok and second.ts == first.ts
     after = _mtimes(results_dir)
-    for kept in (m.notebook("01_detection"), m.detection_json, m.plots / "detection_iterations.png"):
+    for kept in (m.notebook("01_detection"), m.detection_json, m.plot("detection_iterations")):
         assert after[kept] == before[kept], kept
     for redone in (m.notebook("02_individual_ablation"), m.individual_json(0),
                    m.notebook("03_combined_ablation")):
@@ -182,7 +191,7 @@ def test_run_records_and_resume_redoes_only_unfinished_work(tmp_path):
 
 
 def test_missing_notebook_is_a_failed_stage(tmp_path):
-    record = pipeline.execute(tmp_path / "03_combined_ablation.ipynb", tmp_path / "out.ipynb",
+    record = runner.execute(tmp_path / "03_combined_ablation.ipynb", tmp_path / "out.ipynb",
                               None, {}, tmp_path)
     assert record["status"] == "failed" and "03_combined_ablation.ipynb not found" in record["error"]
 
@@ -191,8 +200,6 @@ def test_moe_model_gets_the_moe_stage(tmp_path, monkeypatch):
     """A qwen2_moe config routes to 04_moe_routing, whose file lands in the analysis; the
     other notebooks are absent here, so those stages fail fast and 02/03 are skipped.
     The model is given as a relative path: the kernel (running elsewhere) still finds it."""
-    from sw_lib import tiny
-
     notebooks = tmp_path / "notebooks"
     notebooks.mkdir()
 
@@ -204,9 +211,10 @@ write(f"data/{file_name}",
         "model_found": (Path(model) / "config.json").is_file(),
         "super_experts": {{"flagged": [{{"layer": 1, "expert": 2}}]}},
         "expert_super_weights": []}})
+figure("moe_analysis")
 ''', "04_moe_routing"), str(notebooks / "04_moe_routing.ipynb"))
 
-    tiny.tiny_config("qwen2_moe", vocab_size=128).save_pretrained(tmp_path / "moe")
+    tiny_folder(tmp_path / "moe", "qwen2_moe")
     monkeypatch.chdir(tmp_path)
     cfg = config.load(overrides={"models": ["./moe"], "results_dir": str(tmp_path / "r"),
                                  "moe.router_analysis_samples": 5})
@@ -234,48 +242,72 @@ write(f"data/{file_name}",
     assert complete["comparison"] is None and results.validation_errors(complete) == []
 
 
-def test_probe_reads_family_without_weights(tmp_path):
-    from sw_lib import tiny
-
+def test_inspect_reads_family_without_loading_weights(tmp_path):
     dense = tiny_folder(tmp_path / "dense")
-    moe_dir = tmp_path / "moe"
-    tiny.tiny_config("qwen2_moe", vocab_size=128).save_pretrained(moe_dir)
-    assert pipeline.probe(dense) == ("llama", False)
-    assert pipeline.probe(str(moe_dir)) == ("qwen2_moe", True)
-    with pytest.raises(Exception, match="does not exist"):
-        pipeline.probe(str(tmp_path / "nope"))
+    moe_dir = tiny_folder(tmp_path / "moe", "qwen2_moe")
+    info = models.inspect(dense)
+    assert (info.source, info.family, info.is_moe) == ("folder", "llama", False)
+    assert (models.inspect(moe_dir).family, models.inspect(moe_dir).is_moe) == ("qwen2_moe", True)
+    with pytest.raises(models.ModelLoadError, match="does not exist"):
+        models.inspect(str(tmp_path / "nope"))
+    (tmp_path / "bert").mkdir()
+    (tmp_path / "bert" / "config.json").write_text('{"model_type": "bert"}')
     with pytest.raises(Exception, match="Unsupported architecture 'bert'"):
-        (tmp_path / "bert").mkdir()
-        (tmp_path / "bert" / "config.json").write_text('{"model_type": "bert"}')
-        pipeline.probe(str(tmp_path / "bert"))
+        models.inspect(str(tmp_path / "bert"))
+    (tmp_path / "dense" / "model.safetensors").unlink()
+    with pytest.raises(models.ModelLoadError, match="has a config.json but no weights"):
+        models.inspect(dense)
 
 
-def test_probe_reads_the_gguf_header(tmp_path):
-    """GGUF files: the header's architecture and expert count, past the tokenizer arrays."""
+def write_gguf(path: Path, arch: str = "qwen2moe", experts: int = 4) -> Path:
+    """A small real GGUF file: metadata with tokenizer arrays, and two tensors."""
     gguf = pytest.importorskip("gguf")
     import numpy as np
 
-    path = str(tmp_path / "moe.gguf")
-    writer = gguf.GGUFWriter(path, "qwen2moe")
+    writer = gguf.GGUFWriter(str(path), arch)
     writer.add_array("tokenizer.ggml.tokens", ["a", "bb", "ccc"])
     writer.add_array("tokenizer.ggml.scores", [0.5, 1.5])
-    writer.add_expert_count(4)
+    writer.add_expert_count(experts)
     writer.add_string("general.name", "tiny")
     writer.add_tensor("x", np.zeros((2, 2), dtype=np.float32))
+    writer.add_tensor("y", np.ones((64, 8), dtype=np.float32))
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
-    assert pipeline.gguf_metadata(path) == {"general.architecture": "qwen2moe",
-                                            "qwen2moe.expert_count": 4, "general.name": "tiny"}
-    assert pipeline.probe(path) == ("qwen2_moe", True)
-    from sw_lib import models
+    return path
 
+
+def test_gguf_header_and_its_size_against_the_tensor_table(tmp_path):
+    """The header's architecture and expert count past the tokenizer arrays; the tensor table
+    gives the exact size the file must have, so a truncated file is refused in one line."""
+    path = write_gguf(tmp_path / "moe.gguf")
+    header = gguf_header.check(path)
+    assert header.metadata == {"general.architecture": "qwen2moe", "qwen2moe.expert_count": 4,
+                               "general.name": "tiny"}
+    assert [(t.name, t.shape) for t in header.tensors] == [("x", (2, 2)), ("y", (8, 64))]
+    assert header.expected_size == path.stat().st_size  # the last tensor ends the file
+    info = models.inspect(str(path))
+    assert (info.source, info.family, info.is_moe) == ("gguf", "qwen2_moe", True)
+
+    data = path.read_bytes()
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(data[:-1])  # one byte short of the last tensor
+    with pytest.raises(models.ModelLoadError, match=rf"Model file '{cut}' is truncated: its "
+                       rf"tensors need {len(data)} bytes, the file has {len(data) - 1}"):
+        models.inspect(str(cut))
+    cut.write_bytes(data[:40])  # inside the metadata
+    with pytest.raises(models.ModelLoadError, match=r"is truncated: its header ends early"):
+        models.inspect(str(cut))
+    fake = tmp_path / "notes.gguf"
+    fake.write_text("these are my notes")
+    with pytest.raises(models.ModelLoadError, match=r"is not a GGUF file \(it starts with b'thes'"):
+        models.inspect(str(fake))
     try:  # the default alias, when its package is installed
         models.resolve("smollm2-135m")
     except models.ModelLoadError:
         return
-    assert pipeline.probe("smollm2-135m") == ("llama", False)
+    assert models.inspect("smollm2-135m").family == "llama"
 
 
 def test_latest_timestamp_and_slugs(tmp_path):
