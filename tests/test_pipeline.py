@@ -9,7 +9,12 @@ here is the real one.
 from __future__ import annotations
 
 import json
+import logging
+import os
 import shutil
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import nbformat
@@ -383,3 +388,148 @@ def test_index_covers_several_results_dirs(tmp_path):
     assert 'href="../a/m/reports/01_detection_20250101_000000.html"' in index
     assert 'href="../b/m/reports/01_detection_20250101_000000.html"' in index
     assert reports.default_reports_dir(REPO / "results") == REPO / "reports"
+
+
+# --- runs never overwrite each other; the folder lock; resume; timeouts ----------------------
+
+
+def _files(root: Path) -> dict[Path, int]:
+    return {p: p.stat().st_mtime_ns for p in root.rglob("*") if p.is_file()}
+
+
+def test_a_run_writes_only_its_results_folder_not_another_repositorys_reports(tmp_path):
+    """Results inside some other git repository: the index goes to <results>/reports, the
+    other repository's reports/index.html stays as it was; nothing is written elsewhere."""
+    notebooks = stand_in_notebooks(tmp_path / "notebooks")
+    model = tiny_folder(tmp_path / "m")
+    other = tmp_path / "other-repo"
+    (other / ".git").mkdir(parents=True)
+    (other / "reports").mkdir()
+    (other / "reports" / "index.html").write_text("theirs")
+    before = _files(tmp_path)
+    cfg = config.load(overrides={"models": [model], "results_dir": str(other / "results")})
+    result = pipeline.run(cfg, pipeline.Options(notebooks_dir=notebooks))
+    assert result.ok and result.index_html == other / "results" / "reports" / "index.html"
+    assert (other / "reports" / "index.html").read_text() == "theirs"
+    changed = [p for p, m in _files(tmp_path).items() if before.get(p) != m]
+    assert changed and all(p.is_relative_to(other / "results") for p in changed), changed
+    assert reports.default_reports_dir(REPO / "results") == REPO / "reports"  # this project's
+
+
+def test_runs_in_one_folder_never_share_a_file_and_the_folder_is_locked(tmp_path, caplog):
+    from sw_lib.runlock import RunLock
+
+    notebooks = stand_in_notebooks(tmp_path / "notebooks")
+    results_dir = tmp_path / "results"
+    cfg = config.load(overrides={"models": [tiny_folder(tmp_path / "m")],
+                                 "results_dir": str(results_dir)})
+    options = pipeline.Options(notebooks_dir=notebooks, html=False)
+    # Another live run holds the folder: refused at once, in one line naming it.
+    with RunLock(results_dir):
+        with pytest.raises(pipeline.InputError, match=rf"^results folder '{results_dir}' is in "
+                           rf"use by another run \(pid {os.getpid()} on "):
+            pipeline.run(cfg, options)
+    # A lock file left by a run that was killed: stale, taken over.
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (results_dir / ".sw-analyze.lock").write_text(json.dumps({"pid": dead.pid, "host": "h"}))
+    caplog.set_level(logging.INFO, logger="sw_lib")
+    first = pipeline.run(cfg, options)
+    assert first.ok and f"took over a stale lock of pid {dead.pid}" in caplog.text
+    first_files = _files(results_dir)
+    second = pipeline.run(cfg, options)  # started within the same second, most likely
+    assert second.ok and second.ts > first.ts
+    after = _files(results_dir)
+    assert {p: after[p] for p in first_files if p.name != ".sw-analyze.lock"} == \
+        {p: m for p, m in first_files.items() if p.name != ".sw-analyze.lock"}
+    for ts in (first.ts, second.ts):
+        m = results.ModelPaths(results_dir / "m", ts)
+        assert all(m.plot(f).is_file() for f in ("detection_iterations", "impact_comparison",
+                                                 "combined_analysis"))
+        assert results.RunPaths(results_dir, ts).comparison_png.is_file()
+
+
+def test_resume_a_named_run_reruns_a_changed_notebook_from_a_clean_slate(tmp_path, caplog):
+    """--resume TS resumes that run (not the newest); 01's notebook changed, so 01 reruns and
+    finds one weight instead of two; 02 reruns after its old files are removed, so the
+    analysis holds one individual result, not the stale second one."""
+    notebooks = stand_in_notebooks(tmp_path / "notebooks")
+    results_dir = tmp_path / "results"
+    cfg = config.load(overrides={"models": [tiny_folder(tmp_path / "m")],
+                                 "results_dir": str(results_dir)})
+    options = pipeline.Options(notebooks_dir=notebooks, html=False)
+    older = pipeline.run(cfg, options)
+    newer = pipeline.run(cfg, options)
+    newer_files = {p: m for p, m in _files(results_dir).items() if newer.ts in p.name}
+    m = results.ModelPaths(results_dir / "m", older.ts)
+    assert len(_analysis(older, "m")["individual"]) == 2 and m.individual_json(1).is_file()
+
+    detection = notebooks / "01_detection.ipynb"
+    nb = nbformat.read(str(detection), as_version=4)
+    second_weight = '{"layer": 2, "row": 3, "column": 9, "expert": None, "shared": False}'
+    assert second_weight in nb.cells[1].source
+    nb.cells[1].source = nb.cells[1].source.replace(second_weight, "")
+    nbformat.write(nb, str(detection))
+    resumed = pipeline.run(cfg, pipeline.Options(notebooks_dir=notebooks, html=False,
+                                                 resume=older.ts))
+    assert resumed.ok and resumed.ts == older.ts
+    analysis = _analysis(resumed, "m")
+    assert not any(analysis["stages"][s].get("reused") for s in results.MODEL_STAGES[:3])
+    assert [a["index"] for a in analysis["individual"]] == [0]
+    assert not m.individual_json(1).exists()
+    assert {p: m_ for p, m_ in _files(results_dir).items() if newer.ts in p.name} == newer_files
+
+    caplog.set_level(logging.INFO, logger="sw_lib")
+    latest = pipeline.run(cfg, pipeline.Options(notebooks_dir=notebooks, html=False, resume=True))
+    assert latest.ts == newer.ts
+    assert f"resuming run {newer.ts} (the newest of 2 in {results_dir})" in caplog.text
+    stages_ = _analysis(latest, "m")["stages"]
+    assert stages_["01_detection"].get("reused") is None  # its notebook changed since
+    assert stages_["03_combined_ablation"].get("reused") is None
+
+
+def test_a_stuck_notebook_fails_its_stage_at_the_timeout_and_the_run_goes_on(tmp_path):
+    notebooks = stand_in_notebooks(tmp_path / "notebooks")
+    combined = notebooks / "03_combined_ablation.ipynb"
+    nb = nbformat.read(str(combined), as_version=4)
+    nb.cells[1].source = "import time\nwhile True:\n    time.sleep(1)\n"
+    nbformat.write(nb, str(combined))
+    cfg = config.load(overrides={"models": [tiny_folder(tmp_path / "m")],
+                                 "results_dir": str(tmp_path / "results"),
+                                 "runtime.stage_timeout": 20})
+    start = time.monotonic()
+    result = pipeline.run(cfg, pipeline.Options(notebooks_dir=notebooks, html=False))
+    assert time.monotonic() - start < 120
+    stages_ = _analysis(result, "m")["stages"]
+    assert stages_["03_combined_ablation"]["status"] == "failed"
+    assert stages_["03_combined_ablation"]["error"] == (
+        "StageTimeout: stopped after 20 s (runtime.stage_timeout); raise it or set it to null")
+    assert 20 <= stages_["03_combined_ablation"]["seconds"] < 60
+    assert [stages_[s]["status"] for s in results.MODEL_STAGES[:2]] == ["ok", "ok"]
+    complete = results.read_json(result.complete_json)
+    assert complete["stages"][stage_table.RUN_STAGES[0]]["status"] == "ok"  # the run went on
+
+
+def test_stage_table_drives_layout_and_contract(tmp_path):
+    """Every declared file maps to one path with the run timestamp; clear() removes exactly a
+    stage's files of this run, indexed ones included, and nothing of another run."""
+    paths = results.ModelPaths(tmp_path, "20250101_000000")
+    other = results.ModelPaths(tmp_path, "20250101_000001")
+    for stage in stage_table.STAGES:
+        assert stage.name in stage_table.MODEL_STAGES + stage_table.RUN_STAGES
+        for out in stage.writes:
+            assert "20250101_000000" in paths.output(out, 0).name
+    for p in (paths.individual_json(0), paths.individual_json(7), other.individual_json(0),
+              paths.individual_summary_json, paths.detection_json, paths.plot("impact_comparison")):
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_text("{}")
+    assert paths.missing("02_individual_ablation") == []
+    removed = paths.clear("02_individual_ablation")
+    assert sorted(removed) == sorted([paths.individual_json(0), paths.individual_json(7),
+                                      paths.individual_summary_json,
+                                      paths.plot("impact_comparison")])
+    assert other.individual_json(0).is_file() and paths.detection_json.is_file()
+    assert paths.missing("02_individual_ablation") == [paths.individual_summary_json,
+                                                       paths.plot("impact_comparison")]
+    assert not stage_table.stage("04_moe_routing").applies(False)
+    assert stage_table.stage("04_moe_routing").applies(True)
