@@ -354,7 +354,11 @@ def load_model(spec: str = DEFAULT_MODEL, dtype: str | torch.dtype = "auto", dev
             where, kwargs = gguf_path.parent, {"gguf_file": gguf_path.name}
     else:
         kwargs = {}
-    config = load_config(where, spec, trust_remote_code) if not kwargs else None
+    if source == "hub" and not _hub_reachable():  # the local cache only, no retries
+        config = _cached_hub_config(spec, trust_remote_code)
+        kwargs = {"local_files_only": True}
+    else:
+        config = load_config(where, spec, trust_remote_code) if not kwargs else None
     if config is not None:
         arch.family_for_model_type(config.model_type)  # one-line error before loading weights
 

@@ -151,7 +151,7 @@ def test_notebooks_02_and_03_on_a_planted_tiny_model(tiny_folder, tiny_lm, tmp_p
         assert accuracy["mmlu"]["primary_metric"] == "acc"
     summary = json.loads((out / "data" / f"individual_summary_{TS}.json").read_text())
     assert [a["label"] for a in summary["analyses"]] == ["L1 [5, 7]", "L2 [11, 20]"]
-    _png_ok(out / "plots" / "impact_comparison.png")
+    _png_ok(out / "plots" / f"impact_comparison_{TS}.png")
 
     # 03 reuses 02's cached baseline and individual conditions: those files stay untouched.
     stamps = {p: p.stat().st_mtime_ns for p in cache.rglob("*.json")}
@@ -166,7 +166,7 @@ def test_notebooks_02_and_03_on_a_planted_tiny_model(tiny_folder, tiny_lm, tmp_p
     assert impact["modified_perplexity"] == pytest.approx(_ppl(tiny_lm, PLANTED), rel=1e-5)
     assert [a["perplexity_impact"] for a in combined["individual"]] == [
         r["perplexity_impact"] for r in individual]
-    _png_ok(out / "plots" / "combined_analysis.png")
+    _png_ok(out / "plots" / f"combined_analysis_{TS}.png")
 
 
 def test_notebooks_without_super_weights_write_empty_lists(tiny_folder, tiny_lm, tmp_path):
@@ -182,8 +182,8 @@ def test_notebooks_without_super_weights_write_empty_lists(tiny_folder, tiny_lm,
     assert combined["super_weights"] == [] and combined["individual"] == []
     assert combined["perplexity_impact"] is None and combined["accuracy_impacts"] == {}
     assert not cache.exists()  # nothing was evaluated
-    _png_ok(out / "plots" / "impact_comparison.png")
-    _png_ok(out / "plots" / "combined_analysis.png")
+    _png_ok(out / "plots" / f"impact_comparison_{TS}.png")
+    _png_ok(out / "plots" / f"combined_analysis_{TS}.png")
 
 
 @pytest.mark.parametrize("name", ["02_individual_ablation.ipynb", "03_combined_ablation.ipynb"])
