@@ -101,8 +101,15 @@ def _add_defaults(parser: argparse.ArgumentParser) -> None:
             action.help = f"{action.help or ''} (default: {_show_default(value)})".lstrip()
 
 
+class _Parser(argparse.ArgumentParser):
+    """Bad flags: one line, not the whole usage block."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="sw-analyze",
         description="Detect super weights, ablate them one by one and together, evaluate "
                     "perplexity and accuracy, and compare models. Runs the analysis notebooks "
