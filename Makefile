@@ -30,11 +30,12 @@ $(STAMP): requirements.txt requirements.lock pyproject.toml
 analyze: setup
 	$(BIN)/sw-analyze --params $(PARAMS) $(ARGS)
 
+# --durations: the slowest tests, so a test that grew slow is seen
 test: setup
-	$(BIN)/python -m pytest -q $(ARGS)
+	$(BIN)/python -m pytest -q --durations=15 $(ARGS)
 
 test-fast: setup
-	$(BIN)/python -m pytest -q -m "not slow" $(ARGS)
+	$(BIN)/python -m pytest -q -m "not slow" --durations=10 $(ARGS)
 
 lab: setup
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -r requirements-lab.txt

@@ -3,10 +3,11 @@
     sw-analyze --params params/default.yaml
     sw-analyze --models smollm2-135m ./my-model model.gguf --accuracy-samples 50 -v
 
-Flags keep the original script's names and defaults; a flag overrides the same field of the
-params file, which overrides the embedded default (params/default.yaml). Exit status: 0 all
-stages ok, 1 some stage failed (the others still ran), 2 invalid flags or parameters,
-130 interrupted.
+Flags keep the original script's names; a flag overrides the same field of the params file,
+which overrides the embedded default (params/default.yaml, which the help shows). Exit status:
+0 all stages ok, 1 some stage failed (the others still ran), 2 invalid flags, parameters,
+models or folders (found before any work; nothing is written) or a results folder in use by
+another run, 130 interrupted (continue with --resume).
 """
 from __future__ import annotations
 
@@ -46,21 +47,69 @@ FIELDS = {
     "dtype": "runtime.dtype",
     "seed": "runtime.seed",
     "trust_remote_code": "runtime.trust_remote_code",
+    "stage_timeout": "runtime.stage_timeout",
 }
 
 
 def _count_or_all(text: str):
-    """An item count, or 'all' (no limit)."""
-    if text.lower() == "all":
+    """An item count (1000, 1e3), or 'all' (no limit)."""
+    value = config_mod.as_count(text)
+    if value is None:
         return "all"
-    try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid count: '{text}' (an integer or 'all')") from None
+    if not isinstance(value, int):
+        raise argparse.ArgumentTypeError(f"invalid count: '{text}' (an integer or 'all')")
+    return value
+
+
+def _integer(text: str) -> int:
+    """An integer, also written as 1e3."""
+    value = config_mod.as_count(text)
+    if not isinstance(value, int):
+        raise argparse.ArgumentTypeError(f"invalid integer: '{text}'")
+    return value
+
+
+def _seconds(text: str):
+    """Seconds, or 'none' (no limit)."""
+    if text.lower() in ("none", "null"):
+        return "all"  # stored as null, like a count of 'all'
+    value = config_mod.as_number(text)
+    if not isinstance(value, float):
+        raise argparse.ArgumentTypeError(f"invalid seconds: '{text}' (a number or 'none')")
+    return value
+
+
+def _show_default(value) -> str:
+    if isinstance(value, list):
+        return " ".join(map(str, value))
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    return str(value).replace("%", "%%")
+
+
+def _add_defaults(parser: argparse.ArgumentParser) -> None:
+    """Append each field's default, read from params/default.yaml (the one source), to its help."""
+    defaults = config_mod.defaults()
+    for action in parser._actions:
+        dotted = FIELDS.get(action.dest)
+        if dotted is None:
+            continue
+        value = defaults
+        for key in dotted.split("."):
+            value = value[key]
+        if value is not None and action.help is not argparse.SUPPRESS:
+            action.help = f"{action.help or ''} (default: {_show_default(value)})".lstrip()
+
+
+class _Parser(argparse.ArgumentParser):
+    """Bad flags: one line, not the whole usage block."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="sw-analyze",
         description="Detect super weights, ablate them one by one and together, evaluate "
                     "perplexity and accuracy, and compare models. Runs the analysis notebooks "
@@ -70,56 +119,64 @@ def build_parser() -> argparse.ArgumentParser:
     add("--params", metavar="FILE", help="YAML parameter set (fields of params/default.yaml)")
     add("--models", nargs="+", metavar="MODEL",
         help="models: aliases (smollm2-135m), hub ids, local folders or .gguf files")
-    add("--results-dir", metavar="DIR",
-        help="output folder (default: results/comprehensive_super_weight_analysis)")
+    add("--results-dir", metavar="DIR", help="output folder")
     add("--reports-dir", metavar="DIR",
-        help="folder of the HTML index (default: <repository>/reports, or <results-dir>/reports)")
+        help="folder of the HTML index (default: this project's reports/ when the results "
+             "folder lies inside the project, else <results-dir>/reports)")
 
     g = p.add_argument_group("detection")
     g.add_argument("--prompt", help="detection prompt")
     g.add_argument("--spike-threshold", type=float, metavar="X",
-                   help="activation magnitude that counts as a spike (default 50)")
-    g.add_argument("--max-iterations", type=int, metavar="N", help="detection iterations (default 10)")
+                   help="activation magnitude that counts as a spike")
+    g.add_argument("--max-iterations", type=_integer, metavar="N", help="detection iterations")
     g.add_argument("--confirm", action=argparse.BooleanOptionalAction, default=None,
-                   help="confirm candidates by zeroing them on a reference text (default on)")
+                   help="confirm candidates by zeroing them on a reference text")
     g.add_argument("--confirm-ratio", type=float, metavar="X",
-                   help="loss(zeroed)/loss(baseline) a confirmed candidate reaches (default 1.05)")
-    g.add_argument("--reference-tokens", type=int, metavar="N",
-                   help="WikiText-2 tokens for the confirmation (default 512)")
+                   help="loss(zeroed)/loss(baseline) a confirmed candidate reaches")
+    g.add_argument("--reference-tokens", type=_integer, metavar="N",
+                   help="WikiText-2 tokens for the confirmation")
 
     g = p.add_argument_group("evaluation")
     g.add_argument("--perplexity-samples", type=_count_or_all, metavar="N",
                    help="WikiText-2 windows, or 'all'")
-    g.add_argument("--seq-len", type=int, metavar="N", help="tokens per perplexity window")
+    g.add_argument("--seq-len", type=_integer, metavar="N", help="tokens per perplexity window")
     g.add_argument("--accuracy-samples", type=_count_or_all, metavar="N",
                    help="first N items per task, or 'all'")
     g.add_argument("--accuracy-tasks", nargs="+", metavar="TASK",
                    help=f"tasks: {' '.join(config_mod.TASKS)}")
-    g.add_argument("--mmlu-shots", type=int, metavar="K", help="MMLU few-shot examples (0-5)")
+    g.add_argument("--mmlu-shots", type=_integer, metavar="K", help="MMLU few-shot examples (0-5)")
     g.add_argument("--gsm8k-samples", type=_count_or_all, metavar="N",
                    help="GSM8K items (generation is slow), or 'all'")
-    g.add_argument("--batch-size", type=int, metavar="N")
-    g.add_argument("--skip-perplexity", action="store_true", default=None)
-    g.add_argument("--skip-accuracy", action="store_true", default=None)
-    g.add_argument("--cache-dir", metavar="DIR", help="evaluation cache folder")
+    g.add_argument("--batch-size", type=_integer, metavar="N", help="sequences per forward pass")
+    g.add_argument("--skip-perplexity", action="store_true", default=None,
+                   help="no WikiText-2 perplexity")
+    g.add_argument("--skip-accuracy", action="store_true", default=None,
+                   help="no accuracy tasks")
+    g.add_argument("--cache-dir", metavar="DIR",
+                   help="evaluation cache folder (default: $SW_CACHE_DIR/eval, else "
+                        "~/.cache/sw_lib/eval)")
 
     g = p.add_argument_group("mixture of experts")
-    g.add_argument("--router-analysis-samples", type=int, metavar="N",
+    g.add_argument("--router-analysis-samples", type=_integer, metavar="N",
                    help="texts routed to measure expert usage")
     g.add_argument("--p-active-floor", type=float, metavar="P",
                    help="ignore experts routed to less often than this")
-    g.add_argument("--co-spike-threshold", type=float, metavar="X")
+    g.add_argument("--co-spike-threshold", type=float, metavar="X",
+                   help="share of an expert's output spike its weight must explain")
     g.add_argument("--enable-causal-scoring", action="store_true", default=None,
                    help="confirm expert super weights and super experts by ablation")
 
     g = p.add_argument_group("runtime")
     g.add_argument("--device", help="auto, cpu, cuda, cuda:N or mps")
     g.add_argument("--dtype", help="auto, float32, float16 or bfloat16")
-    g.add_argument("--seed", type=int)
+    g.add_argument("--seed", type=_integer, help="random seed")
     g.add_argument("--trust-remote-code", action="store_true", default=None,
                    help="allow models that need their own code from the hub")
-    g.add_argument("--resume", action="store_true",
-                   help="continue the latest run in the results folder; finished stages are kept")
+    g.add_argument("--stage-timeout", type=_seconds, metavar="SECONDS",
+                   help="seconds one notebook may run before its stage fails, or 'none'")
+    g.add_argument("--resume", nargs="?", const="latest", metavar="TIMESTAMP",
+                   help="continue a run in the results folder (default: the newest); finished "
+                        "stages are kept")
     g.add_argument("--no-html", action="store_true", help="skip the HTML reports and index")
     g.add_argument("--notebooks-dir", metavar="DIR", help=argparse.SUPPRESS)
     g.add_argument("--print-config", action="store_true",
@@ -128,6 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
     out = p.add_mutually_exclusive_group()
     out.add_argument("-v", "--verbose", action="store_true", help="debug messages on the console")
     out.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
+    _add_defaults(p)
     return p
 
 
@@ -189,6 +247,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with _ConsoleLog(args.verbose, args.quiet):
             result = pipeline.run(config, options)
+    except pipeline.InputError as err:
+        parser.exit(2, f"{parser.prog}: error: {err}\n")
     except KeyboardInterrupt:
         print("interrupted; rerun with --resume to continue", file=sys.stderr)
         return 130

@@ -10,6 +10,7 @@ or `my.yaml: detection.spike_threshold`) and what is allowed.
 from __future__ import annotations
 
 import copy
+import difflib
 import re
 from dataclasses import dataclass
 from importlib import resources
@@ -120,8 +121,31 @@ def _is_int(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
+def as_number(v):
+    """What the command line accepts as a number, from a params file too: a number, or a
+    string such as '1e3' (YAML reads 1e3 without a dot as a string); anything else unchanged."""
+    if isinstance(v, str):
+        try:
+            v = float(v.strip())
+        except ValueError:
+            return v
+    return v
+
+
+def as_count(v):
+    """A count as the command line accepts it: 'all' (None, no limit), an integer, or an
+    integral number such as 1e3 or 1000.0; anything else unchanged."""
+    if isinstance(v, str) and v.strip().lower() == "all":
+        return None
+    v = as_number(v)
+    if isinstance(v, float) and v.is_integer():
+        return int(v)
+    return v
+
+
 def _int(minimum: int, maximum: int | None = None, nullable: bool = False):
     def check(v):
+        v = as_count(v)
         if v is None and nullable:
             return None
         if not _is_int(v) or v < minimum or (maximum is not None and v > maximum):
@@ -131,14 +155,18 @@ def _int(minimum: int, maximum: int | None = None, nullable: bool = False):
     return check
 
 
-def _number(low: float, high: float | None = None, low_open: bool = False):
+def _number(low: float, high: float | None = None, low_open: bool = False,
+            nullable: bool = False):
     def check(v):
+        v = as_number(v)
+        if v is None and nullable:
+            return None
         ok = (isinstance(v, (int, float)) and not isinstance(v, bool)
               and (v > low if low_open else v >= low) and (high is None or v <= high))
         if not ok:
             bound = (f"in [{low:g}, {high:g}]" if high is not None
                      else f"{'>' if low_open else '>='} {low:g}")
-            raise ValueError(f"a number {bound}")
+            raise ValueError(f"a number {bound}" + (" or null (no limit)" if nullable else ""))
         return float(v)
     return check
 
@@ -221,6 +249,7 @@ RULES: dict[str, Callable[[Any], Any]] = {
     "runtime.dtype": _dtype,
     "runtime.seed": _int(0),
     "runtime.trust_remote_code": _bool,
+    "runtime.stage_timeout": _number(0.0, low_open=True, nullable=True),
 }
 
 
@@ -243,8 +272,8 @@ def validate(params: dict, label: Callable[[str], str] = lambda dotted: dotted) 
     _check_structure(out, template, "", label)
     for dotted, value in _leaves(out).items():
         if dotted not in allowed:
-            raise ConfigError(f"{label(dotted)}: unknown field; allowed here: "
-                              f"{_siblings(template, dotted)}")
+            raise ConfigError(f"{label(dotted)}: unknown field{_suggestion(dotted, allowed)}; "
+                              f"allowed here: {_siblings(template, dotted)}")
         try:
             _set(out, dotted, RULES[dotted](value))
         except ValueError as err:
@@ -257,8 +286,9 @@ def _check_structure(tree: dict, template: dict, prefix: str, label) -> None:
     for key, value in tree.items():
         dotted = f"{prefix}{key}"
         if key not in template:
-            raise ConfigError(f"{label(dotted)}: unknown field; allowed here: "
-                              f"{', '.join(template)}")
+            known = [f"{prefix}{k}" for k in template] + list(_leaves(defaults()))
+            raise ConfigError(f"{label(dotted)}: unknown field{_suggestion(dotted, known)}; "
+                              f"allowed here: {', '.join(template)}")
         if isinstance(template[key], dict):
             if not isinstance(value, dict):
                 raise ConfigError(f"{label(dotted)}: must be a mapping with fields "
@@ -266,6 +296,20 @@ def _check_structure(tree: dict, template: dict, prefix: str, label) -> None:
             _check_structure(value, template[key], dotted + ".", label)
         elif isinstance(value, dict):
             raise ConfigError(f"{label(dotted)}: must be a single value, not a mapping")
+
+
+def _suggestion(dotted: str, known) -> str:
+    """' (did you mean X?)' for the nearest known field: the same name in another section,
+    else a close spelling in the same section, else anywhere."""
+    parent, _, leaf = dotted.rpartition(".")
+    close = [k for k in known if k.rpartition(".")[2] == leaf and k != dotted]
+    if not close:
+        siblings = {k.rpartition(".")[2]: k for k in known if k.rpartition(".")[0] == parent}
+        close = [siblings[m] for m in difflib.get_close_matches(leaf, list(siblings), n=1)]
+    if not close:
+        leaves = {k.rpartition(".")[2]: k for k in known}
+        close = [leaves[m] for m in difflib.get_close_matches(leaf, list(leaves), n=1, cutoff=0.75)]
+    return f" (did you mean '{close[0]}'?)" if close else ""
 
 
 def _siblings(template: dict, dotted: str) -> str:

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from . import arch
+from . import arch, gguf_header
 
 
 class ModelLoadError(RuntimeError):
@@ -116,6 +116,88 @@ def resolve(spec: str) -> tuple[str, Path | str]:
             f"Unknown model alias '{spec}'; known aliases: {', '.join(sorted(ALIASES))}; "
             "or give a Hugging Face id 'org/name', a local folder or a .gguf file")
     return "hub", spec
+
+
+# --- checking a model before any work -------------------------------------------------------
+
+
+_GGUF_MODEL_TYPES = {"qwen2moe": "qwen2_moe", "qwen3moe": "qwen3_moe"}
+_WEIGHT_FILES = ("*.safetensors", "pytorch_model*.bin", "*.safetensors.index.json")
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What a run needs to know about a model before loading it."""
+
+    spec: str
+    source: str  # "alias", "gguf", "folder" or "hub"
+    where: str  # file, folder or hub id
+    family: str
+    is_moe: bool
+
+
+def inspect(spec: str, trust_remote_code: bool = False) -> ModelInfo:
+    """Resolve `spec` and read its family from the config or GGUF header alone (no weights).
+
+    Checks what can be checked in milliseconds: a GGUF file's header and its size against its
+    tensor table, a folder's config and weight files, a hub id's reachability. Raises
+    ModelLoadError / arch.UnsupportedArchitectureError with a one-line message naming `spec`.
+    """
+    source, where = resolve(spec)
+    if source in ("alias", "gguf"):
+        try:
+            header = gguf_header.check(where)
+        except gguf_header.GGUFError as err:
+            raise ModelLoadError(str(err)) from None
+        gguf_arch = header.metadata.get("general.architecture") or "llama"
+        experts = int(header.metadata.get(f"{gguf_arch}.expert_count") or 0)
+        try:
+            family = arch.family_for_model_type(_GGUF_MODEL_TYPES.get(gguf_arch, gguf_arch))
+        except arch.UnsupportedArchitectureError:
+            raise ModelLoadError(f"Model file '{spec}': GGUF architecture '{gguf_arch}' is not "
+                                 f"supported (known: {', '.join(arch.supported_model_types())})"
+                                 ) from None
+        return ModelInfo(spec, source, str(where), family.name,
+                         family.moe is not None or experts > 0)
+    if source == "hub" and not _hub_reachable():
+        config = _cached_hub_config(spec, trust_remote_code)
+    else:
+        config = load_config(where, spec, trust_remote_code)
+    family = arch.family_for_model_type(config.model_type)
+    if source == "folder" and not any(any(Path(where).glob(g)) for g in _WEIGHT_FILES):
+        raise ModelLoadError(f"Model folder '{spec}' has a config.json but no weights "
+                             "(*.safetensors or pytorch_model*.bin)")
+    return ModelInfo(spec, source, str(where), family.name, family.moe is not None)
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hub can be reached: False at once under HF_HUB_OFFLINE, else a quick
+    connection (instead of transformers' retries, ~26 s offline)."""
+    import socket
+    from urllib.parse import urlparse
+
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        return False
+    endpoint = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    port = endpoint.port or (80 if endpoint.scheme == "http" else 443)
+    try:
+        socket.create_connection((endpoint.hostname, port), timeout=timeout).close()
+    except OSError:
+        return False
+    return True
+
+
+def _cached_hub_config(spec: str, trust_remote_code: bool):
+    """The config of a hub model from the local Hugging Face cache alone."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(spec, trust_remote_code=trust_remote_code,
+                                          local_files_only=True)
+    except (OSError, ValueError):
+        raise ModelLoadError(
+            f"Model '{spec}': the Hugging Face Hub cannot be reached and the model is not in "
+            f"the local cache; offline options: {OFFLINE_OPTIONS}") from None
 
 
 # --- dtype and device ----------------------------------------------------------------------
@@ -272,7 +354,11 @@ def load_model(spec: str = DEFAULT_MODEL, dtype: str | torch.dtype = "auto", dev
             where, kwargs = gguf_path.parent, {"gguf_file": gguf_path.name}
     else:
         kwargs = {}
-    config = load_config(where, spec, trust_remote_code) if not kwargs else None
+    if source == "hub" and not _hub_reachable():  # the local cache only, no retries
+        config = _cached_hub_config(spec, trust_remote_code)
+        kwargs = {"local_files_only": True}
+    else:
+        config = load_config(where, spec, trust_remote_code) if not kwargs else None
     if config is not None:
         arch.family_for_model_type(config.model_type)  # one-line error before loading weights
 
@@ -311,9 +397,16 @@ def load_tokenizer(spec: str = DEFAULT_MODEL):
     from transformers import AutoTokenizer
 
     source, where = resolve(spec)
+    kwargs = {}
     if source in ("alias", "gguf"):
-        where = _load_gguf_dequantized(Path(where), trust_remote_code=False)
-    tokenizer = AutoTokenizer.from_pretrained(where)
+        # The dequantized cache when there is one; else the GGUF's own tokenizer (~5 s),
+        # rather than dequantizing the whole model (~20 s) for its tokenizer.
+        cached = _gguf_cache_dir(Path(where))
+        if (cached / "config.json").is_file():
+            where = cached
+        else:
+            where, kwargs = Path(where).parent, {"gguf_file": Path(where).name}
+    tokenizer = AutoTokenizer.from_pretrained(where, **kwargs)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer

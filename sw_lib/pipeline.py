@@ -1,16 +1,16 @@
-"""The batch pipeline: run the analysis notebooks for every model with papermill, export HTML.
+"""The batch pipeline: the stage table (sw_lib.stages) run for every model, then over the run.
 
-For each model: `01_detection` -> `02_individual_ablation` -> `03_combined_ablation`
-(-> `04_moe_routing` for mixture-of-experts models), then `05_cross_model_comparison` over all
-models. Each executed notebook is saved under `<model>/notebooks/` and exported to
-`<model>/reports/*.html` (figures inline as base64 PNG). A notebook gets only the parameters its
-`parameters` cell declares, so notebooks evolve independently of this module.
+Before any work: every model is resolved and checked (sw_lib.models.inspect), the results and
+reports folders must be writable, and the results folder is locked for this run; a problem
+there raises `InputError` (one line) and nothing is created. Then for each model the
+per-model stages run in table order (a MoE-only stage only for MoE models), and the whole-run
+stages once over all models (sw_lib.runner executes each notebook).
 
 Robustness: a stage that fails is recorded (status, one-line error, seconds) and the run goes
 on with the next model; stages that need a failed one are skipped. `analysis_<ts>.json` is
-rewritten atomically after every stage, which is what `resume` reads: a stage is redone only
-if its record is not ok, its parameters changed, one of its files is missing, or a stage it
-depends on was redone.
+rewritten atomically after every stage, which is what `--resume` reads: a stage is redone
+only if its record is not ok, its parameters or notebook changed, one of its files is
+missing, or a stage it depends on was redone; a redone stage's old files are deleted first.
 """
 from __future__ import annotations
 
@@ -18,24 +18,22 @@ import logging
 import os
 import time
 from dataclasses import dataclass, field
-from datetime import datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from . import config as config_mod
-from . import results
-from .results import COMPARISON_STAGE, MODEL_STAGES, ModelPaths, RunPaths
+from . import reports, results, runner, stages
+from .results import ModelPaths, RunPaths
+from .runlock import FolderLocked, RunLock
+
+if TYPE_CHECKING:
+    from .models import ModelInfo
 
 log = logging.getLogger("sw_lib.pipeline")
 
-DEPENDS_ON = {"02_individual_ablation": "01_detection", "03_combined_ablation": "01_detection"}
-# The files a stage must leave behind (the notebook contract in docs/ARCHITECTURE.md).
-REQUIRED_OUTPUTS = {
-    "01_detection": lambda p: [p.detection_json],
-    "02_individual_ablation": lambda p: [],  # sw_<i> files: one per super weight, maybe none
-    "03_combined_ablation": lambda p: [p.combined_json],
-    "04_moe_routing": lambda p: [p.moe_json],
-}
-_SKIP_DIRS = {"notebooks", "reports", "logs"}
+
+class InputError(ValueError):
+    """Bad input found before any work (model, folder, --resume); one line, nothing written."""
 
 
 def default_notebooks_dir() -> Path:
@@ -44,10 +42,10 @@ def default_notebooks_dir() -> Path:
 
 @dataclass
 class Options:
-    resume: bool = False
+    resume: str | bool | None = None  # None/False: new run; True/"latest": newest; or a timestamp
     html: bool = True
     notebooks_dir: Path | None = None  # None: the repository's notebooks/
-    reports_dir: Path | None = None  # None: config's reports_dir, else next to the repository
+    reports_dir: Path | None = None  # None: config's reports_dir, else reports.default_reports_dir
     kernel_name: str = "python3"
 
 
@@ -64,221 +62,137 @@ class RunResult:
         return not self.failures
 
 
-# --- model family without loading weights ------------------------------------------------------
+# --- before any work ---------------------------------------------------------------------------
 
 
-_GGUF_MODEL_TYPES = {"qwen2moe": "qwen2_moe", "qwen3moe": "qwen3_moe"}
-# GGUF value types: struct format of the scalars; 8 is a string, 9 an array.
-_GGUF_SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q",
-                 11: "q", 12: "d"}
+@dataclass
+class Plan:
+    results_dir: Path
+    reports_dir: Path | None
+    models: list[ModelInfo]
+    slugs: list[str]
+    resume_ts: str | None  # the run to resume, None: a new run
+    check_seconds: list[float] = field(default_factory=list)  # per model
 
 
-def gguf_metadata(path: str | Path) -> dict:
-    """The scalar and string key/values of a GGUF file's header (arrays skipped).
-
-    A small reader instead of gguf.GGUFReader, which parses every tokenizer array (seconds).
-    """
-    import struct
-
-    with open(path, "rb") as f:
-        def read(fmt):
-            return struct.unpack("<" + fmt, f.read(struct.calcsize("<" + fmt)))[0]
-
-        def string():
-            return f.read(read("Q")).decode("utf-8", errors="replace")
-
-        def skip(value_type):
-            if value_type == 8:
-                f.seek(read("Q"), 1)
-            elif value_type == 9:
-                item_type, count = read("I"), read("Q")
-                if item_type in _GGUF_SCALARS:
-                    f.seek(count * struct.calcsize(_GGUF_SCALARS[item_type]), 1)
-                else:
-                    for _ in range(count):
-                        skip(item_type)
-            else:
-                f.seek(struct.calcsize(_GGUF_SCALARS[value_type]), 1)
-
-        if f.read(4) != b"GGUF":
-            raise ValueError(f"{path} is not a GGUF file")
-        read("I")  # version
-        read("Q")  # tensor count
-        out = {}
-        for _ in range(read("Q")):
-            key, value_type = string(), read("I")
-            if value_type in _GGUF_SCALARS:
-                out[key] = read(_GGUF_SCALARS[value_type])
-            elif value_type == 8:
-                out[key] = string()
-            else:
-                skip(value_type)
-        return out
+def check_inputs(config: dict, options: Options) -> Plan:
+    """Everything that can be checked before work starts; raises InputError, creates nothing."""
+    results_dir = Path(config["results_dir"]).expanduser().resolve()
+    _check_writable(results_dir, "results folder", "--results-dir")
+    reports_dir = None
+    if options.html:
+        chosen = options.reports_dir or config.get("reports_dir")
+        reports_dir = (Path(chosen).expanduser().resolve() if chosen
+                       else reports.default_reports_dir(results_dir))
+        _check_writable(reports_dir, "reports folder", "--reports-dir")
+    trust = config["runtime"].get("trust_remote_code", False)
+    infos, seconds = [], []
+    for spec in config["models"]:
+        start = time.perf_counter()
+        infos.append(_inspect(spec, trust))
+        seconds.append(round(time.perf_counter() - start, 3))
+    return Plan(results_dir, reports_dir, infos, results.unique_slugs(config["models"]),
+                _resume_timestamp(results_dir, options.resume), seconds)
 
 
-def probe(spec: str, trust_remote_code: bool = False) -> tuple[str, bool]:
-    """(family name, is MoE) of a model spec from its config or GGUF header alone.
+def _inspect(spec: str, trust_remote_code: bool) -> ModelInfo:
+    from . import models  # torch: only once there is a run to check
 
-    Raises ModelLoadError / UnsupportedArchitectureError with a one-line message.
-    """
-    from . import arch, models
-
-    source, where = models.resolve(spec)
-    if source in ("alias", "gguf"):
-        meta = gguf_metadata(where)
-        gguf_arch = meta.get("general.architecture") or "llama"
-        experts = int(meta.get(f"{gguf_arch}.expert_count") or 0)
-        model_type = _GGUF_MODEL_TYPES.get(gguf_arch, gguf_arch)
-        try:
-            family = arch.family_for_model_type(model_type)
-        except arch.UnsupportedArchitectureError:
-            log.warning("GGUF architecture '%s' of %s not known to sw_lib.arch; assuming llama",
-                        gguf_arch, spec)
-            family = arch.family_for_model_type("llama")
-        return family.name, family.moe is not None or experts > 0
-    config = models.load_config(where, spec, trust_remote_code)
-    family = arch.family_for_model_type(config.model_type)
-    return family.name, family.moe is not None
-
-
-# --- one notebook ----------------------------------------------------------------------------
-
-
-def declared_parameters(notebook: Path) -> list[str]:
-    """Names assigned in the notebook's `parameters` cell.
-
-    Read with Python's own parser: papermill's `inspect_notebook` silently drops a line whose
-    comment contains `=` (e.g. `ratio = 1.02  # loss >= this`); it is the fallback for a cell
-    that is not plain Python.
-    """
-    import ast
-
-    import nbformat
-
-    nb = nbformat.read(str(notebook), as_version=4)
-    cell = next((c for c in nb.cells if c.cell_type == "code"
-                 and "parameters" in c.metadata.get("tags", [])), None)
-    if cell is None:
-        return []
     try:
-        tree = ast.parse(cell.source)
-    except SyntaxError:
-        import papermill
-
-        return list(papermill.inspect_notebook(str(notebook)))
-    names: list[str] = []
-    for node in tree.body:
-        targets = node.targets if isinstance(node, ast.Assign) else (
-            [node.target] if isinstance(node, ast.AnnAssign) else [])
-        names += [t.id for t in targets if isinstance(t, ast.Name) and t.id not in names]
-    return names
+        return models.inspect(spec, trust_remote_code)
+    except Exception as err:  # noqa: BLE001 -- every way a model can be unusable is one line
+        text = runner.error_line(err).removeprefix(f"{type(err).__name__}: ")
+        raise InputError(text if spec in text else f"model '{spec}': {text}") from None
 
 
-def export_html(notebook: Path, html: Path) -> Path:
-    """Export an executed notebook to a self-contained HTML page (figures as base64 PNG)."""
-    import nbformat
-    from nbconvert import HTMLExporter
-
-    nb = nbformat.read(str(notebook), as_version=4)
-    exporter = HTMLExporter(embed_images=True)
-    body, _ = exporter.from_notebook_node(
-        nb, resources={"metadata": {"name": notebook.stem, "path": str(notebook.parent)}})
-    html.parent.mkdir(parents=True, exist_ok=True)
-    tmp = html.with_name(html.name + ".tmp")
-    tmp.write_text(body, encoding="utf-8")
-    os.replace(tmp, html)
-    return html
+def _check_writable(folder: Path, what: str, flag: str) -> None:
+    existing = folder
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise InputError(f"{what} '{folder}' cannot be created: '{existing}' is a file; "
+                         f"choose another with {flag}")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise InputError(f"{what} '{folder}' is not writable ('{existing}': permission "
+                         f"denied); choose another with {flag}")
 
 
-def _error_line(err: BaseException) -> str:
-    from papermill.exceptions import PapermillExecutionError
-
-    if isinstance(err, PapermillExecutionError):
-        text = f"{err.ename}: {err.evalue}"
-    else:
-        text = f"{type(err).__name__}: {err}"
-    line = (text.strip().splitlines() or [type(err).__name__])[0]
-    return line if len(line) <= 500 else line[:497] + "..."
-
-
-def _snapshot(root: Path) -> dict[Path, int]:
-    """mtime of every result file under root (not notebooks/reports/logs)."""
-    out = {}
-    if not root.is_dir():
-        return out
-    for path in root.rglob("*"):
-        rel = path.relative_to(root)
-        if path.is_file() and rel.parts[0] not in _SKIP_DIRS and not path.name.endswith(".tmp"):
-            out[path] = path.stat().st_mtime_ns
-    return out
+def _resume_timestamp(results_dir: Path, resume: str | bool | None) -> str | None:
+    if not resume:
+        return None
+    runs = results.run_timestamps(results_dir)
+    if resume in (True, "latest"):
+        if not runs:
+            log.info("nothing to resume in %s; starting a new run", results_dir)
+            return None
+        log.info("resuming run %s (the newest of %d in %s)", runs[-1], len(runs), results_dir)
+        return runs[-1]
+    if not results.is_timestamp(resume):
+        raise InputError(f"--resume: '{resume}' is not a run timestamp (YYYYMMDD_HHMMSS)")
+    if resume not in runs:
+        known = ", ".join(runs[-5:]) or "none"
+        raise InputError(f"--resume: no run {resume} in '{results_dir}' (newest runs: {known})")
+    log.info("resuming run %s", resume)
+    return resume
 
 
-def _kernel_manager_class(log_file: Path | None):
-    """A kernel manager whose kernel process writes its own stdout/stderr (start-up warnings,
-    crashes) to `log_file` instead of the console; the notebook's outputs are unaffected."""
-    from jupyter_client import AsyncKernelManager
-
-    if log_file is None:
-        return AsyncKernelManager
-
-    class _LoggedKernelManager(AsyncKernelManager):
-        async def start_kernel(self, **kw):
-            stream = open(log_file, "a", encoding="utf-8")  # noqa: SIM115 -- the kernel's
-            kw.setdefault("stdout", stream)
-            kw.setdefault("stderr", stream)
-            try:
-                return await super().start_kernel(**kw)
-            finally:
-                stream.close()  # the child keeps its own copy of the descriptor
-
-    return _LoggedKernelManager
+# --- one stage -------------------------------------------------------------------------------
 
 
-def execute(notebook: Path, out_notebook: Path, report: Path | None, available: dict,
-            watch: Path, kernel_name: str = "python3", log_file: Path | None = None) -> dict:
-    """Run one notebook with the parameters it declares; return its stage record.
+def _available(config: dict, spec: str, paths: ModelPaths) -> dict:
+    """The parameter namespace the model's notebooks draw from."""
+    available = config_mod.notebook_parameters(config)
+    if available.get("cache_dir"):  # kernels run in the notebooks' folder
+        available["cache_dir"] = str(Path(available["cache_dir"]).expanduser().resolve())
+    path = Path(spec).expanduser()
+    available.update(model=str(path.resolve()) if path.exists() else spec,
+                     output_dir=str(paths.root), run_timestamp=paths.ts)
+    return available
 
-    `watch` is the folder whose new or changed files become the stage's `outputs`;
-    `log_file` receives the kernel process's own output.
-    """
-    import papermill
 
-    record = {"notebook": str(out_notebook), "report": None, "outputs": [],
-              "started": datetime.now().isoformat(timespec="seconds")}
-    start = time.perf_counter()
-    if not notebook.is_file():
-        return results.stage_record("failed", f"notebook {notebook} not found", 0.0, **record)
-    declared = declared_parameters(notebook)
-    parameters = {k: available[k] for k in declared if k in available}
-    missing = [k for k in declared if k not in available]
-    if missing:
-        log.debug("%s: keeps its own defaults for %s", notebook.name, ", ".join(missing))
-    record["parameters"] = parameters
-    before = _snapshot(watch)
-    status, error = "ok", None
-    out_notebook.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        papermill.execute_notebook(str(notebook), str(out_notebook), parameters=parameters,
-                                   kernel_name=kernel_name, progress_bar=False,
-                                   log_output=False, cwd=str(notebook.parent),
-                                   kernel_manager_class=_kernel_manager_class(log_file),
-                                   shutdown_kernel="immediate")  # outputs are saved by then
-    except KeyboardInterrupt:
-        raise
-    except Exception as err:  # noqa: BLE001 -- any failure is recorded, the run goes on
-        if getattr(err, "ename", None) == "KeyboardInterrupt":  # Ctrl-C reached the kernel too
-            raise KeyboardInterrupt from err
-        status, error = "failed", _error_line(err)
-        log.debug("%s failed", notebook.name, exc_info=True)
-    after = _snapshot(watch)
-    record["outputs"] = sorted(str(p.relative_to(watch)) for p, m in after.items()
-                               if before.get(p) != m)
-    if report is not None and out_notebook.is_file():
-        try:
-            record["report"] = str(export_html(out_notebook, report))
-        except Exception as err:  # noqa: BLE001
-            log.warning("HTML export of %s failed: %s", out_notebook.name, _error_line(err))
-    return results.stage_record(status, error, round(time.perf_counter() - start, 3), **record)
+def _reusable(previous: dict | None, stage: str, notebook: Path, parameters: dict,
+              files) -> bool:
+    """A finished stage can be kept: ok, same parameters and notebook, all its files there."""
+    if not previous or previous.get("status") != "ok" or not notebook.is_file():
+        return False
+    if previous.get("parameters") != parameters:
+        return False
+    if previous.get("notebook_sha256") != runner.notebook_hash(notebook):
+        return False
+    needed = [Path(previous["notebook"])] if previous.get("notebook") else []
+    needed += [files.root / rel for rel in previous.get("outputs", [])]
+    return all(p.exists() for p in needed) and not files.missing(stage)
+
+
+def _run_stage(stage: stages.Stage, files, available: dict, options: Options,
+               notebooks_dir: Path, previous: dict | None, may_reuse: bool,
+               log_file: Path, timeout: float | None) -> dict:
+    """Reuse a finished stage (on --resume) or clear its old files and run its notebook."""
+    notebook = notebooks_dir / stage.notebook
+    if options.resume and may_reuse and notebook.is_file():
+        declared = runner.declared_parameters(notebook)
+        parameters = {k: available[k] for k in declared if k in available}
+        if _reusable(previous, stage.name, notebook, parameters, files):
+            return {**previous, "reused": True}
+    removed = files.clear(stage.name)
+    if removed:
+        log.debug("%s: removed %d file(s) of an earlier attempt", stage.name, len(removed))
+    record = runner.execute(notebook, files.notebook(stage.name),
+                            files.report(stage.name) if options.html else None, available,
+                            files.root, options.kernel_name, log_file, timeout)
+    missing = files.missing(stage.name)
+    if record["status"] == "ok" and missing:  # the notebook broke its contract
+        record.update(status="failed", error="finished without writing "
+                      + ", ".join(str(p.relative_to(files.root)) for p in missing))
+    return record
+
+
+def _progress(who: str, stage: str, record: dict) -> None:
+    seconds = record.get("seconds")
+    note = ("(reused)" if record.get("reused") else
+            record.get("error") or record.get("reason") or "")
+    log.info("%-28s %-26s %-7s %7s  %s", who, stage, record["status"],
+             f"{seconds:.1f} s" if seconds is not None else "-", note)
 
 
 # --- one model -------------------------------------------------------------------------------
@@ -286,10 +200,8 @@ def execute(notebook: Path, out_notebook: Path, report: Path | None, available: 
 
 @dataclass
 class _Model:
-    spec: str
+    info: ModelInfo
     paths: ModelPaths
-    family: str | None = None
-    is_moe: bool | None = None
     stages: dict = field(default_factory=dict)
 
     @property
@@ -297,104 +209,52 @@ class _Model:
         return self.paths.root.name
 
 
-def _absolute_if_local(spec: str) -> str:
-    """A model spec that names a local file or folder, made absolute (kernels may run
-    elsewhere); aliases and hub ids unchanged."""
-    path = Path(spec).expanduser()
-    return str(path.resolve()) if path.exists() else spec
-
-
-def _absolute_paths(parameters: dict) -> dict:
-    out = dict(parameters)
-    if out.get("cache_dir"):
-        out["cache_dir"] = str(Path(out["cache_dir"]).expanduser().resolve())
-    return out
-
-
-def _progress(model: _Model, stage: str, record: dict) -> None:
-    seconds = record.get("seconds")
-    note = ("(reused)" if record.get("reused") else
-            record.get("error") or record.get("reason") or "")
-    log.info("%-28s %-26s %-7s %7s  %s", model.slug, stage, record["status"],
-             f"{seconds:.1f} s" if seconds is not None else "-", note)
-
-
-def _reusable(previous: dict | None, parameters: dict, root: Path, required: list[Path]) -> bool:
-    """A finished stage can be kept: ok, same parameters, its notebook and files all there."""
-    if not previous or previous.get("status") != "ok":
-        return False
-    if previous.get("parameters") != parameters:
-        return False
-    needed = [Path(previous["notebook"])] if previous.get("notebook") else []
-    needed += [root / rel for rel in previous.get("outputs", [])]
-    return all(p.exists() for p in needed + required)
+def _skip_reason(stage: stages.Stage, model: _Model) -> str | None:
+    if not stage.applies(model.info.is_moe):
+        return "not a mixture-of-experts model"
+    failed = [d for d in stage.depends_on if model.stages[d]["status"] != "ok"]
+    return f"{failed[0]} did not succeed" if failed else None
 
 
 def _write_analysis(model: _Model, config: dict, check: bool = False) -> None:
-    analysis = results.assemble_analysis(model.paths, model=model.spec, family=model.family,
-                                         is_moe=model.is_moe, config=config,
-                                         stages=model.stages)
+    analysis = results.assemble_analysis(model.paths, model=model.info.spec,
+                                         family=model.info.family, is_moe=model.info.is_moe,
+                                         config=config, stages=model.stages)
     results.write_json(model.paths.analysis_json, analysis)
-    errors = results.validation_errors(results.read_json(model.paths.analysis_json)) if check else []
+    errors = results.validation_errors(analysis) if check else []
     if errors:
         log.warning("%s does not match the schema: %s", model.paths.analysis_json.name,
                     "; ".join(errors[:3]))
 
 
 def _run_model(model: _Model, config: dict, options: Options, notebooks_dir: Path,
-               previous: dict) -> None:
-    paths = model.paths
-    runtime = config["runtime"]
-    start = time.perf_counter()
-    try:
-        model.family, model.is_moe = probe(model.spec, runtime.get("trust_remote_code", False))
-        model.stages["resolve"] = results.stage_record(
-            "ok", None, round(time.perf_counter() - start, 3))
-    except KeyboardInterrupt:
-        raise
-    except Exception as err:  # noqa: BLE001
-        model.stages["resolve"] = results.stage_record(
-            "failed", _error_line(err), round(time.perf_counter() - start, 3))
-    _progress(model, "resolve", model.stages["resolve"])
-
-    available = _absolute_paths(config_mod.notebook_parameters(config))
-    available.update(model=_absolute_if_local(model.spec), output_dir=str(paths.root),
-                     run_timestamp=paths.ts)
+               previous: dict, check_seconds: float) -> None:
+    model.stages["resolve"] = results.stage_record("ok", None, check_seconds)
+    _progress(model.slug, "resolve", model.stages["resolve"])
+    available = _available(config, model.info.spec, model.paths)
     redone: set[str] = set()
-    for stage in MODEL_STAGES:
-        record = _stage_for_model(model, stage, available, options, notebooks_dir,
-                                  previous.get(stage), redone)
-        model.stages[stage] = record
+    for stage in (s for s in stages.STAGES if s.applies_to != stages.WHOLE_RUN):
+        reason = _skip_reason(stage, model)
+        if reason:
+            record = results.stage_record("skipped", reason=reason)
+        else:
+            record = _run_stage(stage, model.paths, available, options, notebooks_dir,
+                                previous.get(stage.name), not redone & set(stage.depends_on),
+                                model.paths.log_file, config["runtime"].get("stage_timeout"))
+            if not record.get("reused"):
+                redone.add(stage.name)
+        model.stages[stage.name] = record
         _write_analysis(model, config)
-        _progress(model, stage, record)
+        _progress(model.slug, stage.name, record)
+    peak = results.peak_memory(model.stages)
+    if peak:
+        log.info("%s: peak memory %.0f MiB (%s)", model.slug, peak["mib"], peak["stage"])
 
 
-def _stage_for_model(model: _Model, stage: str, available: dict, options: Options,
-                     notebooks_dir: Path, previous: dict | None, redone: set[str]) -> dict:
-    paths = model.paths
-    if model.stages["resolve"]["status"] != "ok":
-        return results.stage_record("skipped", reason="model could not be resolved")
-    if stage == "04_moe_routing" and not model.is_moe:
-        return results.stage_record("skipped", reason="not a mixture-of-experts model")
-    upstream = DEPENDS_ON.get(stage)
-    if upstream and model.stages[upstream]["status"] != "ok":
-        return results.stage_record("skipped", reason=f"{upstream} did not succeed")
-    notebook = notebooks_dir / f"{stage}.ipynb"
-    if options.resume and notebook.is_file() and upstream not in redone:
-        declared = declared_parameters(notebook)
-        parameters = {k: available[k] for k in declared if k in available}
-        if _reusable(previous, parameters, paths.root, REQUIRED_OUTPUTS[stage](paths)):
-            return {**previous, "reused": True}
-    redone.add(stage)
-    log.debug("running %s for %s", stage, model.spec)
-    record = execute(notebook, paths.notebook(stage),
-                     paths.report(stage) if options.html else None, available, paths.root,
-                     options.kernel_name, paths.log_file)
-    missing = [p for p in REQUIRED_OUTPUTS[stage](paths) if not p.is_file()]
-    if record["status"] == "ok" and missing:  # the notebook broke its contract
-        record.update(status="failed", error="finished without writing "
-                      + ", ".join(str(p.relative_to(paths.root)) for p in missing))
-    return record
+def _interrupted(model: _Model, config: dict) -> None:
+    for name in ("resolve", *stages.MODEL_STAGES):
+        model.stages.setdefault(name, results.stage_record("failed", "interrupted"))
+    _write_analysis(model, config)
 
 
 # --- logging -----------------------------------------------------------------------------------
@@ -435,92 +295,83 @@ class _FileLog:
 
 
 def run(config: dict, options: Options | None = None) -> RunResult:
-    """Analyse every model of `config` (validated by sw_lib.config) and compare them."""
-    from . import reports
+    """Analyse every model of `config` (validated by sw_lib.config) and compare them.
 
+    Raises InputError before any work when a model, a folder or --resume is unusable, or
+    when another run holds the results folder.
+    """
     options = options or Options()
     notebooks_dir = Path(options.notebooks_dir or default_notebooks_dir()).resolve()
-    results_dir = Path(config["results_dir"]).expanduser().resolve()
-    results_dir.mkdir(parents=True, exist_ok=True)
-    ts = results.latest_timestamp(results_dir) if options.resume else None
-    if options.resume and ts:
-        log.info("resuming run %s", ts)
-    elif options.resume:
-        log.info("nothing to resume in %s; starting a new run", results_dir)
-    ts = ts or results.new_timestamp()
-    run_paths = RunPaths(results_dir, ts)
-    slugs = results.unique_slugs(config["models"])
-    log.info("run %s: %d model(s) -> %s", ts, len(slugs), results_dir)
+    plan = check_inputs(config, options)
+    try:
+        with RunLock(plan.results_dir):
+            return _run_locked(plan, config, options, notebooks_dir)
+    except FolderLocked as err:
+        raise InputError(str(err)) from None
+
+
+def _run_locked(plan: Plan, config: dict, options: Options, notebooks_dir: Path) -> RunResult:
+    ts = plan.resume_ts or results.new_timestamp(plan.results_dir)
+    run_paths = RunPaths(plan.results_dir, ts)
+    run_paths.log_file.parent.mkdir(parents=True, exist_ok=True)
+    run_paths.log_file.touch()  # claims the timestamp in this folder
+    log.info("run %s: %d model(s) -> %s", ts, len(plan.slugs), plan.results_dir)
 
     any_redone = False
     failures: list[str] = []
-    for spec, slug_ in zip(config["models"], slugs):
+    for info, slug_, seconds in zip(plan.models, plan.slugs, plan.check_seconds):
         paths = run_paths.model(slug_).make()
-        before = results.read_json_if_exists(paths.analysis_json) if options.resume else None
-        model = _Model(spec, paths)
+        before = results.read_json_if_exists(paths.analysis_json) if plan.resume_ts else None
+        model = _Model(info, paths)
         with _FileLog(paths.log_file):
-            log.info("model %s (%s) -> %s", spec, slug_, paths.root)
+            log.info("model %s (%s) -> %s", info.spec, slug_, paths.root)
             log.debug("configuration:\n%s", config_mod.dump(config))
             try:
                 _run_model(model, config, options, notebooks_dir,
-                           (before or {}).get("stages", {}))
+                           (before or {}).get("stages", {}), seconds)
             except KeyboardInterrupt:
                 _interrupted(model, config)
                 raise
             _write_analysis(model, config, check=True)
         any_redone |= any(not s.get("reused") and s["status"] != "skipped"
                           for name, s in model.stages.items() if name != "resolve")
-        failures += [f"{spec}: {name}: {s['error']}" for name, s in model.stages.items()
+        failures += [f"{info.spec}: {name}: {s['error']}" for name, s in model.stages.items()
                      if s["status"] == "failed"]
 
     with _FileLog(run_paths.log_file):
-        comparison_record = _compare(run_paths, slugs, config, options, notebooks_dir, any_redone)
+        comparison_record = _compare(run_paths, plan, config, options, notebooks_dir, any_redone)
     if comparison_record["status"] == "failed":
-        failures.append(f"{COMPARISON_STAGE}: {comparison_record['error']}")
+        failures.append(f"{results.COMPARISON_STAGE}: {comparison_record['error']}")
 
-    reports_dir = options.reports_dir or config.get("reports_dir")
-    reports_dir = Path(reports_dir) if reports_dir else reports.default_reports_dir(results_dir)
-    index = reports.index_path(reports_dir) if options.html else None
-    _finish_complete(run_paths, slugs, config, comparison_record, index)
+    index = reports.index_path(plan.reports_dir) if plan.reports_dir else None
+    _finish_complete(run_paths, plan.slugs, config, comparison_record, index)
     if index is not None:
-        reports.write_index(reports_dir, results_dir)
-    return RunResult(ts, results_dir, run_paths.complete_json, index, failures)
+        reports.write_index(plan.reports_dir, plan.results_dir)
+    return RunResult(ts, plan.results_dir, run_paths.complete_json, index, failures)
 
 
-def _interrupted(model: _Model, config: dict) -> None:
-    for stage in ("resolve", *MODEL_STAGES):
-        model.stages.setdefault(stage, results.stage_record("failed", "interrupted"))
-    _write_analysis(model, config)
-
-
-def _compare(run_paths: RunPaths, slugs: list[str], config: dict, options: Options,
+def _compare(run_paths: RunPaths, plan: Plan, config: dict, options: Options,
              notebooks_dir: Path, any_redone: bool) -> dict:
-    """Stage 05 over every model of the run; the complete JSON is written before it runs
+    """The whole-run stage over every model; the complete JSON is written before it runs
     (the notebook adds the comparison) and after it (with its status)."""
-    previous = results.read_json_if_exists(run_paths.complete_json) if options.resume else None
-    previous_record = ((previous or {}).get("stages") or {}).get(COMPARISON_STAGE)
-    notebook = notebooks_dir / f"{COMPARISON_STAGE}.ipynb"
+    stage = stages.stage(results.COMPARISON_STAGE)
+    previous = results.read_json_if_exists(run_paths.complete_json) if plan.resume_ts else None
+    previous_record = ((previous or {}).get("stages") or {}).get(stage.name)
     available = {"output_dir": str(run_paths.results_dir), "results_dir": str(run_paths.results_dir),
-                 "run_timestamp": run_paths.ts, "models": slugs}
-    if options.resume and not any_redone and notebook.is_file():
-        parameters = {k: available[k] for k in declared_parameters(notebook) if k in available}
-        if (_reusable(previous_record, parameters, run_paths.results_dir, [run_paths.complete_json])
-                and previous.get("comparison")):
-            record = {**previous_record, "reused": True}
-            log.info("%-28s %-26s %-7s %7s  (reused)", "(all models)", COMPARISON_STAGE, "ok", "-")
-            return record
-    results.write_json(run_paths.complete_json, results.assemble_complete(
-        run_paths, slugs, config, stages={}, comparison=None))
-    record = execute(notebook, run_paths.notebook(),
-                     run_paths.report() if options.html else None, available,
-                     run_paths.results_dir, options.kernel_name, run_paths.log_file)
-    # Only the run-level files count as this stage's outputs (not the models' folders).
-    record["outputs"] = [o for o in record["outputs"]
-                         if not any(o.startswith(s + "/") for s in slugs)
-                         and not o.startswith("logs/")]
-    seconds = record.get("seconds")
-    log.info("%-28s %-26s %-7s %7s  %s", "(all models)", COMPARISON_STAGE, record["status"],
-             f"{seconds:.1f} s" if seconds is not None else "-", record.get("error") or "")
+                 "run_timestamp": run_paths.ts, "models": plan.slugs}
+    if previous_record and previous_record.get("status") == "ok" and not previous.get("comparison"):
+        previous_record = None  # the comparison it wrote is gone
+    if not previous_record or any_redone:
+        results.write_json(run_paths.complete_json, results.assemble_complete(
+            run_paths, plan.slugs, config, stages={}, comparison=None))
+    record = _run_stage(stage, run_paths, available, options, notebooks_dir, previous_record,
+                        not any_redone, run_paths.log_file, config["runtime"].get("stage_timeout"))
+    if not record.get("reused"):
+        # Only the run-level files count as this stage's outputs (not the models' folders).
+        record["outputs"] = [o for o in record["outputs"]
+                             if not any(o.startswith(s + "/") for s in plan.slugs)
+                             and not o.startswith("logs/")]
+    _progress("(all models)", stage.name, record)
     return record
 
 
@@ -529,8 +380,8 @@ def _finish_complete(run_paths: RunPaths, slugs: list[str], config: dict, record
     written = results.read_json_if_exists(run_paths.complete_json) or {}
     comparison = written.get("comparison") if record["status"] == "ok" else None
     complete = results.assemble_complete(
-        run_paths, slugs, config, stages={COMPARISON_STAGE: record}, comparison=comparison,
-        reports_index=str(index) if index else None)
+        run_paths, slugs, config, stages={results.COMPARISON_STAGE: record},
+        comparison=comparison, reports_index=str(index) if index else None)
     results.write_json(run_paths.complete_json, complete)
     errors = results.validation_errors(complete)
     if errors:

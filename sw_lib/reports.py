@@ -1,9 +1,11 @@
 """The HTML index of every run's reports (`reports/index.html`).
 
 The index lists, newest run first, each run's models with their status and links to the HTML
-reports of their notebooks. It covers every results folder that ever wrote to it: their paths
-are kept in `runs.json` beside the index, so one index serves several result folders. Links are
-relative, so a reports folder moved together with the results keeps working.
+reports of their notebooks (in the order of the stage table). It covers every results folder
+that ever wrote to it: their paths are kept in `runs.json` beside the index, so one index
+serves several result folders. Links are relative, so a reports folder moved together with the
+results keeps working. A run writes only its own results folder and, by default, this
+project's `reports/` (when the results lie inside the project), never another repository's.
 """
 from __future__ import annotations
 
@@ -13,27 +15,27 @@ import re
 from datetime import datetime
 from pathlib import Path
 
-from . import results
+from . import results, stages
+from .runlock import INDEX_LOCK_NAME, RunLock
 
 INDEX = "index.html"
 REGISTRY = "runs.json"
 _REPORT = re.compile(r"^(?P<stage>.+)_(?P<ts>\d{8}_\d{6})\.html$")
 
 
-def repo_root(start: Path) -> Path | None:
-    """The git work tree containing `start`, if any."""
-    for folder in [start, *start.parents]:
-        if (folder / ".git").exists():
-            return folder
-    return None
+def project_root() -> Path | None:
+    """This project's source checkout (the folder holding sw_lib/ and pyproject.toml), or
+    None when sw_lib runs from an installed package."""
+    root = Path(__file__).resolve().parents[1]
+    return root if (root / "pyproject.toml").is_file() and (root / "sw_lib").is_dir() else None
 
 
 def default_reports_dir(results_dir: str | Path) -> Path:
-    """`<repository>/reports` when results_dir is inside a git work tree, else
-    `<results_dir>/reports`."""
+    """This project's `reports/` when results_dir lies inside the project's checkout, else
+    `<results_dir>/reports` (never the `reports/` of some other repository)."""
     results_dir = Path(results_dir).expanduser().resolve()
-    root = repo_root(results_dir)
-    return root / "reports" if root else results_dir / "reports"
+    root = project_root()
+    return root / "reports" if root and results_dir.is_relative_to(root) else results_dir / "reports"
 
 
 def index_path(reports_dir: str | Path) -> Path:
@@ -61,11 +63,11 @@ def collect_runs(results_dir: Path) -> list[dict]:
         return runs.setdefault(ts, {"ts": ts, "results_dir": results_dir, "status": None,
                                     "models": {}, "reports": []})
 
-    for page in sorted((results_dir / "reports").glob("*.html")):
+    for page in _pages(results_dir / "reports"):
         if (m := _REPORT.match(page.name)):
             run_for(m["ts"])["reports"].append((m["stage"], page))
     for model_dir in sorted(p for p in results_dir.iterdir() if p.is_dir()):
-        for page in sorted((model_dir / "reports").glob("*.html")):
+        for page in _pages(model_dir / "reports"):
             if (m := _REPORT.match(page.name)):
                 entry = run_for(m["ts"])["models"].setdefault(
                     model_dir.name, {"status": None, "model": model_dir.name, "error": None,
@@ -80,6 +82,15 @@ def collect_runs(results_dir: Path) -> list[dict]:
             entry = run["models"].setdefault(m["slug"], {"reports": []})
             entry.update(status=m.get("status"), model=m.get("model"), error=m.get("error"))
     return sorted(runs.values(), key=lambda r: r["ts"], reverse=True)
+
+
+def _pages(folder: Path) -> list[Path]:
+    """The HTML pages of a folder in stage-table order."""
+    def key(page: Path):
+        m = _REPORT.match(page.name)
+        return (stages.order(m["stage"]) if m else len(stages.STAGES), page.name)
+
+    return sorted(folder.glob("*.html"), key=key)
 
 
 def _when(ts: str) -> str:
@@ -125,13 +136,14 @@ def render(runs: list[dict], base: Path) -> str:
 def write_index(reports_dir: str | Path, results_dir: str | Path) -> Path:
     """Rewrite `<reports_dir>/index.html` over every registered results folder."""
     reports_dir = Path(reports_dir).expanduser().resolve()
-    reports_dir.mkdir(parents=True, exist_ok=True)
-    runs = []
-    for folder in _registered(reports_dir, Path(results_dir).expanduser().resolve()):
-        runs += collect_runs(folder)
-    runs.sort(key=lambda r: r["ts"], reverse=True)
-    path = index_path(reports_dir)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(render(runs, reports_dir), encoding="utf-8")
-    os.replace(tmp, path)
+    # Runs of other results folders may share this index: one writer at a time.
+    with RunLock(reports_dir, wait=True, what="reports folder", name=INDEX_LOCK_NAME):
+        runs = []
+        for folder in _registered(reports_dir, Path(results_dir).expanduser().resolve()):
+            runs += collect_runs(folder)
+        runs.sort(key=lambda r: r["ts"], reverse=True)
+        path = index_path(reports_dir)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(render(runs, reports_dir), encoding="utf-8")
+        os.replace(tmp, path)
     return path

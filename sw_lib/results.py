@@ -3,18 +3,20 @@
 ```
 <results_dir>/
   complete_analysis_<ts>.json            every model's status + cross-model comparison
-  summary_plots/model_comparison.png
+  summary_plots/model_comparison_<ts>.png
   notebooks/05_cross_model_comparison_<ts>.ipynb   reports/05_cross_model_comparison_<ts>.html
-  logs/run_<ts>.log                      the cross-model stage's log
+  logs/run_<ts>.log                      the run's own log (claims the timestamp)
   <model slug>/
     data/detection_<ts>.json  data/analysis_<ts>.json  data/combined_analysis_<ts>.json
     data/individual_analyses/sw_<i>_analysis_<ts>.json  data/moe_analysis_<ts>.json
-    plots/*.png  logs/analysis_<ts>.log  notebooks/<stage>_<ts>.ipynb  reports/<stage>_<ts>.html
+    plots/<figure>_<ts>.png  logs/analysis_<ts>.log  notebooks/<stage>_<ts>.ipynb
+    reports/<stage>_<ts>.html
 ```
 
-`analysis_<ts>.json` assembles a model's stage outputs with the configuration used, package
-versions and a status per stage; `sw_lib/schema/analysis.schema.json` validates it and
-`complete_analysis_<ts>.json`.
+Every file a run writes carries its timestamp, so runs in one folder never overwrite each
+other; which files each stage writes is declared in `sw_lib.stages`. `analysis_<ts>.json`
+assembles a model's stage outputs with the configuration used, package versions and a status
+per stage; `sw_lib/schema/analysis.schema.json` validates it and `complete_analysis_<ts>.json`.
 """
 from __future__ import annotations
 
@@ -24,27 +26,34 @@ import os
 import platform
 import re
 import tempfile
+import time
 from dataclasses import dataclass
 from datetime import datetime
 from functools import lru_cache
 from importlib import metadata, resources
 from pathlib import Path
 
+from . import stages as stage_table
+from .stages import MODEL_STAGES, Output
+
 ANALYSIS_SCHEMA = "sw-analysis/1"
 COMPLETE_SCHEMA = "sw-complete/1"
 TIMESTAMP_FORMAT = "%Y%m%d_%H%M%S"
-_TS = re.compile(r"_(\d{8}_\d{6})\.(json|log|ipynb|html)$")
+_TS = re.compile(r"_(\d{8}_\d{6})\.(json|log|ipynb|html|png)$")
 
-MODEL_STAGES = ("01_detection", "02_individual_ablation", "03_combined_ablation",
-                "04_moe_routing")
-COMPARISON_STAGE = "05_cross_model_comparison"
+COMPARISON_STAGE = stage_table.RUN_STAGES[0]
 
 
 # --- timestamps and names ----------------------------------------------------------------------
 
 
-def new_timestamp() -> str:
-    return datetime.now().strftime(TIMESTAMP_FORMAT)
+def new_timestamp(results_dir: str | Path | None = None) -> str:
+    """Now as YYYYMMDD_HHMMSS; with `results_dir`, one that no run there has used yet (waits
+    for the next second when a run of this second exists), so runs never share files."""
+    used = set(run_timestamps(results_dir)) if results_dir is not None else set()
+    while (ts := datetime.now().strftime(TIMESTAMP_FORMAT)) in used:
+        time.sleep(0.05)
+    return ts
 
 
 def is_timestamp(text: str) -> bool:
@@ -55,13 +64,18 @@ def is_timestamp(text: str) -> bool:
     return len(text) == 15
 
 
-def latest_timestamp(results_dir: str | Path) -> str | None:
-    """The newest run timestamp among the files under `results_dir` (for --resume)."""
+def run_timestamps(results_dir: str | Path) -> list[str]:
+    """Every run timestamp found in the file names under `results_dir`, oldest first."""
     root = Path(results_dir)
     if not root.is_dir():
-        return None
-    found = {m.group(1) for p in root.rglob("*_*.*") if (m := _TS.search(p.name))}
-    return max(found) if found else None
+        return []
+    return sorted({m.group(1) for p in root.rglob("*_*.*") if (m := _TS.search(p.name))})
+
+
+def latest_timestamp(results_dir: str | Path) -> str | None:
+    """The newest run timestamp among the files under `results_dir` (for --resume)."""
+    found = run_timestamps(results_dir)
+    return found[-1] if found else None
 
 
 def slug(spec: str) -> str:
@@ -90,19 +104,54 @@ def unique_slugs(specs: list[str]) -> list[str]:
 # --- layout --------------------------------------------------------------------------------------
 
 
+class _StageFiles:
+    """The files a stage declares (sw_lib.stages), as paths of one run."""
+
+    root: Path
+    ts: str
+
+    def output(self, out: Output, index: int | str = "{i}") -> Path:
+        name = out.name.replace("{i}", str(index))
+        return self.data(name) if out.kind == "data" else self.plot(name)
+
+    def stage_files(self, stage: str) -> list[Path]:
+        """Every file of `stage` in this run that exists now (indexed files included)."""
+        found = []
+        for out in stage_table.stage(stage).writes:
+            if out.many:
+                pattern = self.output(out, "*")
+                found += sorted(pattern.parent.glob(pattern.name))
+            elif self.output(out).is_file():
+                found.append(self.output(out))
+        return found
+
+    def missing(self, stage: str) -> list[Path]:
+        """The required files of `stage` that are not there."""
+        return [self.output(o) for o in stage_table.stage(stage).writes
+                if o.required and not self.output(o).is_file()]
+
+    def clear(self, stage: str) -> list[Path]:
+        """Delete this run's files of `stage` (before it runs again, so it never reads what
+        an earlier attempt of itself left); returns what was deleted."""
+        removed = self.stage_files(stage)
+        for path in removed:
+            path.unlink(missing_ok=True)
+        return removed
+
+
 @dataclass(frozen=True)
-class ModelPaths:
+class ModelPaths(_StageFiles):
     """Where one model's files of one run live (`root` is the model's result folder)."""
 
     root: Path
     ts: str
 
     @property
-    def data(self) -> Path:
+    def data_dir(self) -> Path:
         return self.root / "data"
 
     @property
-    def plots(self) -> Path:
+    def plots_dir(self) -> Path:
         return self.root / "plots"
 
     @property
@@ -117,32 +166,44 @@ class ModelPaths:
     def reports(self) -> Path:
         return self.root / "reports"
 
+    def data(self, name: str) -> Path:
+        """`data/<name>_<ts>.json` (name may hold a subfolder)."""
+        return self.data_dir / f"{name}_{self.ts}.json"
+
+    def plot(self, name: str) -> Path:
+        """`plots/<name>_<ts>.png`."""
+        return self.plots_dir / f"{name}_{self.ts}.png"
+
     @property
     def individual_dir(self) -> Path:
-        return self.data / "individual_analyses"
+        return self.data_dir / "individual_analyses"
 
     @property
     def detection_json(self) -> Path:
-        return self.data / f"detection_{self.ts}.json"
+        return self.data("detection")
+
+    @property
+    def individual_summary_json(self) -> Path:
+        return self.data("individual_summary")
 
     @property
     def combined_json(self) -> Path:
-        return self.data / f"combined_analysis_{self.ts}.json"
+        return self.data("combined_analysis")
 
     @property
     def moe_json(self) -> Path:
-        return self.data / f"moe_analysis_{self.ts}.json"
+        return self.data("moe_analysis")
 
     @property
     def analysis_json(self) -> Path:
-        return self.data / f"analysis_{self.ts}.json"
+        return self.data("analysis")
 
     @property
     def log_file(self) -> Path:
         return self.logs / f"analysis_{self.ts}.log"
 
     def individual_json(self, index: int) -> Path:
-        return self.individual_dir / f"sw_{index}_analysis_{self.ts}.json"
+        return self.data(f"individual_analyses/sw_{index}_analysis")
 
     def individual_jsons(self) -> list[Path]:
         """This run's individual analyses, in index order."""
@@ -158,21 +219,31 @@ class ModelPaths:
         return self.reports / f"{stage}_{self.ts}.html"
 
     def make(self) -> "ModelPaths":
-        for folder in (self.data, self.plots, self.logs, self.notebooks, self.reports):
+        for folder in (self.data_dir, self.plots_dir, self.logs, self.notebooks, self.reports):
             folder.mkdir(parents=True, exist_ok=True)
         return self
 
 
 @dataclass(frozen=True)
-class RunPaths:
+class RunPaths(_StageFiles):
     """The run-level files of one run under `results_dir`."""
 
     results_dir: Path
     ts: str
 
     @property
+    def root(self) -> Path:
+        return self.results_dir
+
+    def data(self, name: str) -> Path:
+        return self.results_dir / f"{name}_{self.ts}.json"
+
+    def plot(self, name: str) -> Path:
+        return self.summary_plots / f"{name}_{self.ts}.png"
+
+    @property
     def complete_json(self) -> Path:
-        return self.results_dir / f"complete_analysis_{self.ts}.json"
+        return self.data("complete_analysis")
 
     @property
     def summary_plots(self) -> Path:
@@ -180,7 +251,7 @@ class RunPaths:
 
     @property
     def comparison_png(self) -> Path:
-        return self.summary_plots / "model_comparison.png"
+        return self.plot("model_comparison")
 
     @property
     def log_file(self) -> Path:
@@ -300,7 +371,18 @@ def assemble_analysis(paths: ModelPaths, *, model: str, family: str | None,
         "individual": [a for a in individual if a is not None] if individual else None,
         "combined": read_json_if_exists(paths.combined_json),
         "moe": read_json_if_exists(paths.moe_json),
+        "peak_memory": peak_memory(stages),
     }
+
+
+def peak_memory(stages: dict[str, dict]) -> dict | None:
+    """The largest resident memory of any stage's kernel (MiB) and which stage it was."""
+    peaks = [(s["peak_memory_mib"], name) for name, s in stages.items()
+             if s.get("peak_memory_mib")]
+    if not peaks:
+        return None
+    mib, stage = max(peaks)
+    return {"mib": mib, "stage": stage}
 
 
 def _resolved_runtime(detection) -> dict | None:
@@ -315,7 +397,9 @@ def model_entry(analysis: dict, results_dir: Path) -> dict:
     ts, slug_ = analysis["run_timestamp"], analysis["slug"]
     paths = ModelPaths(results_dir / slug_, ts)
     failed = [(name, s) for name, s in analysis["stages"].items() if s["status"] == "failed"]
-    reports = sorted(str(p.relative_to(results_dir)) for p in paths.reports.glob(f"*_{ts}.html"))
+    pages = sorted(paths.reports.glob(f"*_{ts}.html"),
+                   key=lambda p: (stage_table.order(p.name[:-len(f"_{ts}.html")]), p.name))
+    reports = [str(p.relative_to(results_dir)) for p in pages]
     return {"model": analysis["model"], "slug": slug_, "family": analysis.get("family"),
             "is_moe": analysis.get("is_moe"), "status": analysis["status"],
             "error": f"{failed[0][0]}: {failed[0][1]['error']}" if failed else None,
@@ -367,7 +451,12 @@ def validation_errors(document: dict) -> list[str]:
 
     validator = jsonschema.Draft202012Validator(schema())
     errors = sorted(validator.iter_errors(document), key=lambda e: list(e.absolute_path))
-    return [f"{'/'.join(map(str, e.absolute_path)) or '<root>'}: {e.message}" for e in errors]
+    lines = [f"{'/'.join(map(str, e.absolute_path)) or '<root>'}: {e.message}" for e in errors]
+    if document.get("schema_version") == ANALYSIS_SCHEMA and isinstance(document.get("stages"), dict):
+        # every stage of the table has a record (run, skipped or failed)
+        lines += [f"stages: '{name}' is a required property" for name in ("resolve", *MODEL_STAGES)
+                  if name not in document["stages"]]
+    return lines
 
 
 def validate(document: dict) -> None:

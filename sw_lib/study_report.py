@@ -164,8 +164,7 @@ def impact_summary(analysis: dict) -> dict:
 
 
 def individual_summary_path(output_dir: str | Path, run_timestamp: str) -> Path:
-    return results.ModelPaths(Path(output_dir), run_timestamp).data / \
-        f"individual_summary_{run_timestamp}.json"
+    return results.ModelPaths(Path(output_dir), run_timestamp).individual_summary_json
 
 
 def write_individual(output_dir: str | Path, individual: dict, weights: Sequence[dict],

@@ -1,10 +1,55 @@
-"""Shared fixtures: the real default model (session-wide) and tiny random models."""
+"""Shared fixtures: the real default model (session-wide) and tiny random models; every cache
+in a temporary folder; a per-test timeout."""
 from __future__ import annotations
 
-import pytest
-import torch
+import os
+import shutil
+import signal
+import tempfile
 
-from sw_lib import models, tiny
+import pytest
+
+# The tests never write to the user's home: the library's model and evaluation caches
+# (SW_CACHE_DIR) and the caches of the tools under it go to one temporary folder, set before
+# anything is imported so notebook kernels (child processes) inherit it too. The real model
+# is then dequantized once per session (~20 s).
+_SCRATCH = tempfile.mkdtemp(prefix="sw-lib-tests-")
+for _name, _sub in {"SW_CACHE_DIR": "sw_lib", "MPLCONFIGDIR": "matplotlib", "HF_HOME": "hf",
+                    "IPYTHONDIR": "ipython", "JUPYTER_RUNTIME_DIR": "jupyter-runtime",
+                    "XDG_CACHE_HOME": "xdg-cache"}.items():
+    os.environ[_name] = os.path.join(_SCRATCH, _sub)
+
+import torch  # noqa: E402 -- after the environment above
+
+from sw_lib import models, tiny  # noqa: E402
+
+# Per-test limits (seconds) for setup + call + teardown; @pytest.mark.timeout(N) overrides.
+TIMEOUT = 300
+SLOW_TIMEOUT = 1200
+
+
+def pytest_sessionfinish(session, exitstatus):
+    shutil.rmtree(_SCRATCH, ignore_errors=True)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    """Fail a test that runs past its limit (SIGALRM in the main thread) instead of hanging
+    the suite; module fixtures set up by this test count towards it."""
+    marker = item.get_closest_marker("timeout")
+    seconds = (marker.args[0] if marker else
+               SLOW_TIMEOUT if item.get_closest_marker("slow") else TIMEOUT)
+
+    def expire(signum, frame):
+        raise TimeoutError(f"{item.nodeid} ran past its {seconds} s limit (tests/conftest.py)")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.alarm(int(seconds))
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
 
 
 @pytest.fixture(scope="session")

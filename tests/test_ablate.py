@@ -42,10 +42,15 @@ def test_scale_and_restore_in_bfloat16(tokenizer):
 
 
 def test_same_weight_twice_restores_the_true_original(tokenizer):
+    """Two edits of one scalar compound inside the block (x2 then x2: x4); on exit the scalar
+    is its first saved value, not the once-scaled one the second edit saw."""
     lm = make_tiny("llama", tokenizer)
     snapshot = weights_snapshot(lm.model)
+    w = arch.down_proj_matrix(lm.model, 1)
+    original = w[4, 8].clone()
     with ablate.edited(lm.model, ablate.scale([(1, 4, 8), (1, 4, 8)], 2.0)):
-        pass
+        assert w[4, 8] == original * 4.0
+    assert w[4, 8] == original
     assert_bit_identical(lm.model, snapshot)
 
 

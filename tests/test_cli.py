@@ -1,71 +1,83 @@
-"""`sw-analyze` end to end: real notebooks on tiny models with planted super weights, and the
-flag validation that stops a run before it starts."""
+"""`sw-analyze` end to end: real notebooks on tiny models with planted super weights, an
+interrupted run resumed, and the checks that stop a run before it starts (flags, models,
+folders) with one line and nothing written."""
 from __future__ import annotations
 
+import os
 import re
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
-from sw_lib import cli, results, tiny
+from sw_lib import cli, results, stages, tiny
 
 REPO = Path(__file__).resolve().parents[1]
-NOTEBOOKS = [REPO / "notebooks" / f"{s}.ipynb" for s in
-             (*results.MODEL_STAGES[:3], results.COMPARISON_STAGE)]
 FIGURE = re.compile(r'<img [^>]*src="data:image/png;base64,')
 PLANTED = {"tiny-llama": ("llama", 1, 7, 11), "tiny-qwen2": ("qwen2", 2, 20, 30)}
 TINY_RUN = ["--perplexity-samples", "1", "--seq-len", "32", "--accuracy-samples", "2",
             "--accuracy-tasks", "arc_easy", "--no-confirm", "--max-iterations", "3",
             "--device", "cpu", "--dtype", "float32", "-q"]
 
-needs_notebooks = pytest.mark.skipif(
-    not all(p.is_file() for p in NOTEBOOKS),
-    reason="needs the real notebooks 01-03 and 05 in notebooks/ (written in parallel)")
-
 
 @pytest.fixture(scope="module")
-def cli_run(tmp_path_factory, tokenizer, prompt_ids):
-    """sw-analyze over two tiny models (llama, qwen2), each with one planted super weight."""
-    tmp = tmp_path_factory.mktemp("cli")
+def tiny_specs(tmp_path_factory, tokenizer, prompt_ids):
+    """Two tiny models (llama, qwen2), each with one planted super weight, saved as folders."""
+    tmp = tmp_path_factory.mktemp("models")
     specs = []
     for name, (model_type, layer, row, column) in PLANTED.items():
         model = tiny.tiny_model(model_type, vocab_size=len(tokenizer), seed=1)
         tiny.plant_super_weight(model, layer, row, column, prompt_ids)
         specs.append(str(tiny.save_tiny(model, tokenizer, tmp / name)))
+    return specs
+
+
+@pytest.fixture(scope="module")
+def cli_run(tmp_path_factory, tiny_specs):
+    """sw-analyze over the two tiny models with the real notebooks."""
+    tmp = tmp_path_factory.mktemp("cli")
     results_dir = tmp / "results"
     with pytest.MonkeyPatch.context() as env:
         # Tiny models run faster on one thread; the notebook kernels inherit this.
         env.setenv("OMP_NUM_THREADS", "1")
-        code = cli.main(["--models", *specs, "--results-dir", str(results_dir),
+        code = cli.main(["--models", *tiny_specs, "--results-dir", str(results_dir),
                          "--cache-dir", str(tmp / "eval-cache"), *TINY_RUN])
     ts = results.latest_timestamp(results_dir)
     return code, results_dir, ts
 
 
-@needs_notebooks
+def test_every_stage_notebook_exists():
+    """The end-to-end tests below run every stage's real notebook: none may be missing."""
+    missing = [s.notebook for s in stages.STAGES if not (REPO / "notebooks" / s.notebook).is_file()]
+    assert missing == []
+
+
 def test_two_models_whole_tree(cli_run):
     code, root, ts = cli_run
     assert code == 0
     assert (root / f"complete_analysis_{ts}.json").is_file()
-    assert (root / "summary_plots" / "model_comparison.png").stat().st_size > 10_000
+    assert results.RunPaths(root, ts).comparison_png.stat().st_size > 10_000
     for slug in PLANTED:
         m = results.ModelPaths(root / slug, ts)
         expected = [m.analysis_json, m.detection_json, m.combined_json, m.individual_json(0),
-                    m.log_file, *(m.plots / f for f in (
-                        "detection_iterations.png", "super_weight_distribution.png",
-                        "impact_comparison.png", "combined_analysis.png"))]
+                    m.individual_summary_json, m.log_file, *(m.plot(f) for f in (
+                        "detection_iterations", "super_weight_distribution",
+                        "impact_comparison", "combined_analysis"))]
         expected += [m.notebook(s) for s in results.MODEL_STAGES[:3]]
         expected += [m.report(s) for s in results.MODEL_STAGES[:3]]
         missing = [str(p.relative_to(root)) for p in expected if not p.is_file()]
         assert not missing, missing
-    # one timestamp for every timestamped file of the run
-    stamps = {m.group(1) for p in root.rglob("*") if (m := results._TS.search(p.name))}
-    assert stamps == {ts}
+    # every file the run wrote carries its timestamp (figures included), except the lock
+    # and the index pages that cover every run
+    written = [p for p in root.rglob("*") if p.is_file()]
+    unstamped = [str(p.relative_to(root)) for p in written if not results._TS.search(p.name)]
+    assert sorted(unstamped) == [".sw-analyze.lock", "reports/.sw-index.lock",
+                                 "reports/index.html", "reports/runs.json"]
 
 
-@needs_notebooks
 def test_json_valid_and_planted_weights_found(cli_run):
     code, root, ts = cli_run
     complete = results.read_json(root / f"complete_analysis_{ts}.json")
@@ -89,7 +101,6 @@ def test_json_valid_and_planted_weights_found(cli_run):
         assert set(summaries[slug]["accuracy_drops"]) == {"arc_easy"}
 
 
-@needs_notebooks
 def test_html_reports_contain_figures_and_index_links_them(cli_run):
     code, root, ts = cli_run
     figures = {"01_detection": 2, "02_individual_ablation": 1, "03_combined_ablation": 1}
@@ -102,20 +113,6 @@ def test_html_reports_contain_figures_and_index_links_them(cli_run):
     index = (root / "reports" / "index.html").read_text()
     for slug in PLANTED:
         assert f'href="../{slug}/reports/03_combined_ablation_{ts}.html"' in index
-
-
-def test_bad_model_exits_nonzero_with_error_recorded(tmp_path, capsys):
-    """Only the comparison notebook runs: the model never resolves."""
-    results_dir = tmp_path / "results"
-    code = cli.main(["--models", str(tmp_path / "no-such-model"), "--results-dir",
-                     str(results_dir), "-q"])
-    assert code == 1
-    err = capsys.readouterr().err
-    assert "no-such-model" in err and "does not exist" in err
-    complete = results.read_json(next(results_dir.glob("complete_analysis_*.json")))
-    assert results.validation_errors(complete) == []
-    assert complete["status"] == "failed"
-    assert "does not exist" in complete["models"][0]["error"]
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -179,3 +176,200 @@ def test_python_dash_m_entry_point():
     out = subprocess.run([sys.executable, "-m", "sw_lib", "--models", "x", "--print-config"],
                          capture_output=True, text=True, cwd=REPO, timeout=60)
     assert out.returncode == 0 and "models: [x]" in out.stdout
+
+
+def test_peak_memory_of_each_model_is_recorded(cli_run):
+    """Issue 9: each stage records its kernel's peak resident memory, the analysis JSON the
+    largest (a kernel with torch and transformers loaded holds well over 100 MiB)."""
+    code, root, ts = cli_run
+    for slug in PLANTED:
+        analysis = results.read_json(results.ModelPaths(root / slug, ts).analysis_json)
+        ran = {name: s for name, s in analysis["stages"].items() if s.get("notebook")}
+        assert set(ran) == set(results.MODEL_STAGES[:3])
+        assert all(100 < s["peak_memory_mib"] < 20_000 for s in ran.values())
+        peak = analysis["peak_memory"]
+        assert peak["mib"] == max(s["peak_memory_mib"] for s in ran.values())
+        assert ran[peak["stage"]]["peak_memory_mib"] == peak["mib"]
+        log = results.ModelPaths(root / slug, ts).log_file.read_text()
+        assert f"{slug}: peak memory {peak['mib']:.0f} MiB ({peak['stage']})" in log
+
+
+# --- bad input: one line, exit 2, nothing written ------------------------------------------
+
+
+def _refused(argv: list[str], capsys) -> str:
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(argv)
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("sw-analyze: error: "), err
+    return err.strip().removeprefix("sw-analyze: error: ")
+
+
+def _gguf_file(path: Path) -> Path:
+    gguf = pytest.importorskip("gguf")
+    import numpy as np
+
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_tensor("token_embd.weight", np.zeros((16, 8), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def _bad_models(tmp: Path) -> dict[str, tuple[str, str]]:
+    """name -> (model spec, the line the user sees)."""
+    truncated = _gguf_file(tmp / "truncated.gguf")
+    full = truncated.stat().st_size
+    truncated.write_bytes(truncated.read_bytes()[:-100])
+    (tmp / "notes.txt").write_text("not a model")
+    (tmp / "empty").mkdir()
+    return {
+        "typo alias": ("smollm-135m", "Unknown model alias 'smollm-135m'; known aliases: "
+                       "smollm2-135m; or give a Hugging Face id 'org/name', a local folder or "
+                       "a .gguf file"),
+        "missing file": (str(tmp / "gone.gguf"), f"Model file or folder '{tmp}/gone.gguf' "
+                         "does not exist"),
+        "truncated gguf": (str(truncated), f"Model file '{truncated}' is truncated: its "
+                           f"tensors need {full} bytes, the file has {full - 100}; download "
+                           "it again"),
+        "not a model": (str(tmp / "notes.txt"), f"Model path '{tmp}/notes.txt' is neither a "
+                        ".gguf file nor a folder with config.json"),
+        "empty folder": (str(tmp / "empty"), f"Model path '{tmp}/empty' is neither a .gguf "
+                         "file nor a folder with config.json"),
+        "hub id offline": ("nobody/no-such-model", "Model 'nobody/no-such-model': the Hugging "
+                           "Face Hub cannot be reached and the model is not in the local cache"),
+    }
+
+
+@pytest.mark.parametrize("case", ["typo alias", "missing file", "truncated gguf", "not a model",
+                                  "empty folder", "hub id offline"])
+def test_a_bad_model_anywhere_in_the_list_stops_the_run_before_any_work(
+        case, tiny_specs, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    spec, line = _bad_models(tmp_path)[case]
+    results_dir = tmp_path / "results"
+    start = time.perf_counter()
+    message = _refused(["--models", *tiny_specs, spec, "--results-dir", str(results_dir),
+                        "--reports-dir", str(tmp_path / "reports")], capsys)
+    assert message.startswith(line), message
+    assert time.perf_counter() - start < 20  # no retries, no model loaded, no stage run
+    assert not results_dir.exists() and not (tmp_path / "reports").exists()
+
+
+def test_unwritable_results_or_reports_folder_is_refused(tiny_specs, tmp_path, capsys):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    message = _refused(["--models", tiny_specs[0], "--results-dir", str(blocker / "results")],
+                       capsys)
+    assert message == (f"results folder '{blocker}/results' cannot be created: '{blocker}' is "
+                       "a file; choose another with --results-dir")
+    message = _refused(["--models", tiny_specs[0], "--results-dir", str(tmp_path / "r"),
+                        "--reports-dir", str(blocker / "reports")], capsys)
+    assert message.startswith(f"reports folder '{blocker}/reports' cannot be created")
+    assert not (tmp_path / "r").exists()
+    if os.geteuid() != 0:  # root writes through permission bits
+        locked = tmp_path / "locked"
+        locked.mkdir(mode=0o555)
+        message = _refused(["--models", tiny_specs[0], "--results-dir", str(locked / "r")], capsys)
+        assert message.startswith(f"results folder '{locked}/r' is not writable")
+
+
+def test_resume_of_an_unknown_run_is_refused(tiny_specs, tmp_path, capsys):
+    (tmp_path / "r" / "logs").mkdir(parents=True)
+    (tmp_path / "r" / "logs" / "run_20250101_000000.log").write_text("")
+    base = ["--models", tiny_specs[0], "--results-dir", str(tmp_path / "r")]
+    assert _refused([*base, "--resume", "20250101_000001"], capsys) == (
+        f"--resume: no run 20250101_000001 in '{tmp_path / 'r'}' (newest runs: 20250101_000000)")
+    assert _refused([*base, "--resume", "yesterday"], capsys) == (
+        "--resume: 'yesterday' is not a run timestamp (YYYYMMDD_HHMMSS)")
+
+
+def test_help_shows_the_defaults_of_params_default_yaml(capsys):
+    """One source of defaults: every flag's help ends with its value in params/default.yaml."""
+    from sw_lib import config
+
+    defaults = config.defaults()
+    parser = cli.build_parser()
+    for action in parser._actions:
+        dotted = cli.FIELDS.get(action.dest)
+        if dotted is None:
+            continue
+        value = defaults
+        for key in dotted.split("."):
+            value = value[key]
+        if value is None:
+            assert "(default: " in action.help or "default" not in action.help, action.dest
+            continue
+        shown = (" ".join(map(str, value)) if isinstance(value, list)
+                 else ("on" if value else "off") if isinstance(value, bool) else str(value))
+        assert action.help.endswith(f"(default: {shown})"), (action.dest, action.help)
+        assert action.help.count("default") == 1, action.help  # not written twice
+
+
+# --- interrupting and resuming --------------------------------------------------------------
+
+
+_VOLATILE = {"updated", "started", "seconds", "peak_memory_mib", "peak_memory", "reused",
+             "timing", "load_seconds", "versions"}
+
+
+def _normalized(doc, replace: dict[str, str]):
+    """A JSON document without what differs between two runs of the same analysis: times,
+    memory, and the run's own folder and timestamp in paths."""
+    if isinstance(doc, dict):
+        return {k: _normalized(v, replace) for k, v in doc.items()
+                if k not in _VOLATILE and not k.endswith("_seconds")}
+    if isinstance(doc, list):
+        return [_normalized(v, replace) for v in doc]
+    if isinstance(doc, str):
+        for old, new in replace.items():
+            doc = doc.replace(old, new)
+    return doc
+
+
+def _documents(root: Path, ts: str, cache: str) -> dict:
+    replace = {str(root): "<results>", ts: "<ts>", cache: "<cache>"}
+    docs = {"complete": results.read_json(root / f"complete_analysis_{ts}.json")}
+    for slug in PLANTED:
+        docs[slug] = results.read_json(results.ModelPaths(root / slug, ts).analysis_json)
+    return _normalized(docs, replace)
+
+
+@pytest.mark.timeout(900)
+def test_interrupted_run_resumed_gives_the_same_json(cli_run, tiny_specs, tmp_path):
+    """Ctrl-C (SIGINT to the process group, kernel included) while 02 runs on the first model,
+    then --resume: the JSON equals the uninterrupted run's (times and paths aside)."""
+    code, reference_root, reference_ts = cli_run
+    root, cache = tmp_path / "results", str(tmp_path / "eval-cache")
+    argv = [sys.executable, "-m", "sw_lib", "--models", *tiny_specs, "--results-dir", str(root),
+            "--cache-dir", cache, *TINY_RUN]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    run = subprocess.Popen(argv, cwd=tmp_path, env=env, start_new_session=True,
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    stage_notebook = root / "tiny-llama" / "notebooks"
+    deadline = time.monotonic() + 300
+    while not list(stage_notebook.glob("02_individual_ablation_*.ipynb")):
+        assert run.poll() is None and time.monotonic() < deadline, run.communicate()
+        time.sleep(0.2)
+    time.sleep(2)  # inside the notebook
+    os.killpg(run.pid, signal.SIGINT)
+    out, err = run.communicate(timeout=120)
+    assert run.returncode == 130, (out, err)
+    assert "interrupted; rerun with --resume to continue" in err
+    ts = results.latest_timestamp(root)
+    interrupted = results.read_json(results.ModelPaths(root / "tiny-llama", ts).analysis_json)
+    assert interrupted["stages"]["01_detection"]["status"] == "ok"
+    assert interrupted["stages"]["02_individual_ablation"] == {
+        "status": "failed", "error": "interrupted", "seconds": None}
+
+    resumed = subprocess.run([*argv, "--resume"], cwd=tmp_path, env=env, capture_output=True,
+                             text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr
+    analysis = results.read_json(results.ModelPaths(root / "tiny-llama", ts).analysis_json)
+    assert analysis["stages"]["01_detection"]["reused"] is True
+    assert "reused" not in analysis["stages"]["02_individual_ablation"]
+    assert _documents(root, ts, cache) == _documents(reference_root, reference_ts,
+                                                     str(reference_root.parent / "eval-cache"))

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from sw_lib import config
+from sw_lib import config, stages
 from sw_lib.config import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -59,8 +59,19 @@ def test_normalisation(tmp_path):
 
 @pytest.mark.parametrize("text, message", [
     ("detection:\n  spike_treshold: 3\n",
-     "p.yaml: detection.spike_treshold: unknown field; allowed here: prompt, spike_threshold"),
+     "p.yaml: detection.spike_treshold: unknown field (did you mean 'detection.spike_threshold'?);"
+     " allowed here: prompt, spike_threshold"),
+    ("detection:\n  accuracy_samples: 3\n", "p.yaml: detection.accuracy_samples: unknown field "
+     "(did you mean 'evaluation.accuracy_samples'?)"),
+    ("evaluaton:\n  seq_len: 3\n", "p.yaml: evaluaton: unknown field (did you mean 'evaluation'?)"),
+    ("spike_threshold: 3\n",
+     "p.yaml: spike_threshold: unknown field (did you mean 'detection.spike_threshold'?)"),
     ("colour: red\n", "p.yaml: colour: unknown field; allowed here: models, results_dir"),
+    ("detection:\n  max_iterations: all\n",
+     "detection.max_iterations: must be an integer >= 1, got 'all'"),
+    ("detection:\n  max_iterations: 1.5e0\n", "detection.max_iterations: must be an integer"),
+    ("runtime:\n  stage_timeout: 0\n",
+     "runtime.stage_timeout: must be a number > 0 or null (no limit), got 0"),
     ("detection: 5\n", "p.yaml: detection: must be a mapping with fields prompt"),
     ("runtime:\n  seed: {a: 1}\n", "p.yaml: runtime.seed: must be a single value"),
     ("detection:\n  max_iterations: ten\n",
@@ -118,3 +129,62 @@ def test_notebook_parameters_are_flat_and_complete():
 def test_every_field_has_a_rule():
     leaves = config._leaves(config.defaults())
     assert set(leaves) == set(config.RULES)
+
+
+def test_params_file_accepts_what_the_command_line_accepts(tmp_path):
+    """'all' for counts and 1e3 for numbers (YAML reads 1e3 without a dot as a string), as
+    sw-analyze --accuracy-samples all --perplexity-samples 1e3 --spike-threshold 1e3 does."""
+    from sw_lib import cli
+
+    cfg = config.load(write(tmp_path, "evaluation:\n  accuracy_samples: all\n"
+                                      "  perplexity_samples: 1e3\n  gsm8k_samples: ALL\n"
+                                      "  batch_size: 1.6e1\ndetection:\n  spike_threshold: 1e3\n"
+                                      "runtime:\n  stage_timeout: 3.6e3\n"))
+    assert cfg["evaluation"]["accuracy_samples"] is None
+    assert cfg["evaluation"]["gsm8k_samples"] is None
+    assert cfg["evaluation"]["perplexity_samples"] == 1000
+    assert isinstance(cfg["evaluation"]["perplexity_samples"], int)
+    assert cfg["evaluation"]["batch_size"] == 16
+    assert cfg["detection"]["spike_threshold"] == 1000.0
+    assert cfg["runtime"]["stage_timeout"] == 3600.0
+    args = cli.build_parser().parse_args(
+        ["--accuracy-samples", "all", "--perplexity-samples", "1e3", "--gsm8k-samples", "ALL",
+         "--batch-size", "1.6e1", "--spike-threshold", "1e3", "--stage-timeout", "3.6e3"])
+    from_flags = cli.load_config(args)
+    for dotted in ("evaluation.accuracy_samples", "evaluation.perplexity_samples",
+                   "evaluation.gsm8k_samples", "evaluation.batch_size",
+                   "detection.spike_threshold", "runtime.stage_timeout"):
+        section, key = dotted.split(".")
+        assert from_flags[section][key] == cfg[section][key], dotted
+    no_limit = cli.load_config(cli.build_parser().parse_args(["--stage-timeout", "none"]))
+    assert no_limit["runtime"]["stage_timeout"] is None
+
+
+def _parameters_cell_values(notebook: Path) -> dict:
+    """Names and literal values assigned in a notebook's parameters cell."""
+    import ast
+
+    from sw_lib import runner
+
+    cell = runner.parameters_cell(notebook)
+    assert cell is not None, f"{notebook.name} has no cell tagged 'parameters'"
+    values = {}
+    for node in ast.parse(cell.source).body:
+        if isinstance(node, ast.Assign) and isinstance(node.targets[0], ast.Name):
+            try:
+                values[node.targets[0].id] = ast.literal_eval(node.value)
+            except ValueError:
+                pass  # an expression, not a default to compare
+    return values
+
+
+@pytest.mark.parametrize("stage", [s.name for s in stages.STAGES])
+def test_every_notebook_parameters_cell_agrees_with_default_params(stage):
+    """One source of defaults: a notebook run by hand (no papermill) uses the values of
+    params/default.yaml for every parameter the two share."""
+    defaults = config.defaults()
+    shared = {**config.notebook_parameters(defaults), "model": defaults["models"][0]}
+    values = _parameters_cell_values(REPO / "notebooks" / f"{stage}.ipynb")
+    mismatches = {k: {"notebook": values[k], "params/default.yaml": shared[k]}
+                  for k in sorted(values.keys() & shared.keys()) if values[k] != shared[k]}
+    assert mismatches == {}

@@ -133,5 +133,8 @@ def test_hub_arc_labels_are_normalised_to_letters():
     row = {"id": "x", "question": "q", "choices": {"text": ["a", "b", "c"], "label": ["1", "2", "3"]},
            "answerKey": "2"}
     fixed = data._normalise_arc(row)
-    assert fixed["choices"]["label"] == ["A", "B", "C"] and fixed["answerKey"] == "B"
-    assert json.dumps(fixed)  # still plain JSON
+    assert fixed == {"id": "x", "question": "q", "answerKey": "B",
+                     "choices": {"text": ["a", "b", "c"], "label": ["A", "B", "C"]}}
+    assert json.loads(json.dumps(fixed)) == fixed  # still plain JSON, nothing lost
+    already = {**fixed, "choices": dict(fixed["choices"])}
+    assert data._normalise_arc(already) == fixed  # letters stay letters

@@ -410,5 +410,11 @@ def test_dense_detector_takes_in_expert_super_weights(tokenizer, ids):
     snapshot = weights_snapshot(lm.model)
     found = detect.detect_super_weights(lm, PROMPT, reference_tokens=32, progress=False)
     assert _coords(found.candidates) == planted
-    assert all(c["loss_ratio"] > 0 for c in found.candidates)
     assert_bit_identical(lm.model, snapshot)
+    # each candidate's loss ratio is its own ablation's, recomputed here by brute force
+    ref = detect.reference_ids(tokenizer, 32)
+    baseline = detect.mean_loss(lm.model, ref)
+    for c in found.candidates:
+        with ablate.zeroed(lm.model, [c]):
+            assert c["loss_ratio"] == pytest.approx(detect.mean_loss(lm.model, ref) / baseline,
+                                                    rel=1e-5), _coords([c])

@@ -6,8 +6,9 @@ from pathlib import Path
 
 import nbformat
 import papermill as pm
+import pytest
 
-from sw_lib import tiny, tiny_moe
+from sw_lib import ablate, moe, tiny, tiny_moe
 from conftest import make_tiny
 
 NOTEBOOK = Path(__file__).resolve().parent.parent / "notebooks" / "04_moe_routing.ipynb"
@@ -62,14 +63,25 @@ def test_notebook_04_on_a_tiny_planted_moe_model(tmp_path, tokenizer, monkeypatc
     coords = {(w["layer"], w["expert"], w["shared"], w["row"], w["column"])
               for w in data["expert_super_weights"]}
     assert coords == {(1, 3, False, 7, 5), (2, None, True, 11, 9)}
-    assert all(w["loss_ratio"] > 0 for w in data["expert_super_weights"])
+    # each weight's loss ratio is its own ablation's on the reference text (brute force here)
+    ref = moe.reference_ids(tokenizer, 64)
+    baseline = moe.reference_loss(lm.model, ref)
+    for w in data["expert_super_weights"]:
+        with ablate.zeroed(lm.model, [w]):
+            assert w["loss_ratio"] == pytest.approx(moe.reference_loss(lm.model, ref) / baseline,
+                                                    rel=1e-5)
     rule = data["super_experts"]
-    assert rule["percentile_threshold"] > 0 and rule["global_threshold"] > 0
-    for m in rule["flagged"]:
-        assert m["max_output"] > max(rule["percentile_threshold"], rule["global_threshold"])
-        assert m["layer"] < rule["layer_limit"]
+    maxima = [m["max_output"] for m in data["expert_maxima"] if m["layer"] < rule["layer_limit"]]
+    assert rule["layer_limit"] == 3.0 and rule["global_threshold"] == pytest.approx(0.1 * max(maxima))
+    # the planted shared expert of layer 2 writes the largest output below the layer limit:
+    # it, and only it, clears both thresholds
+    assert [(m["layer"], m["expert"], m["shared"], m["output_channel"], m["input_channel"])
+            for m in rule["flagged"]] == [(2, None, True, 11, 9)]
+    flagged = rule["flagged"][0]
+    assert flagged["max_output"] == max(maxima)
+    assert flagged["max_output"] > max(rule["percentile_threshold"], rule["global_threshold"])
     assert len(data["expert_maxima"]) == 4 * 8 + 4  # routed experts + one shared per layer
     causal = data["causal"]["super_experts"]
     assert len(causal["experts"]) == len(rule["flagged"]) and causal["seeds"] == 2
-    png = out_dir / "plots" / "moe_analysis.png"
+    png = out_dir / "plots" / f"moe_analysis_{ts}.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 20_000

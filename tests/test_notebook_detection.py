@@ -33,5 +33,5 @@ def test_detection_notebook_on_a_tiny_planted_model(tmp_path, tokenizer, prompt_
     assert data["schema"] == "sw-detection/1" and data["family"] == "llama"
     assert [(w["layer"], w["row"], w["column"]) for w in data["super_weights"]] == [(2, 37, 101)]
     assert data["super_weights"][0]["expert"] is None
-    for png in ("detection_iterations.png", "super_weight_distribution.png"):
-        assert (out / "plots" / png).read_bytes()[:4] == b"\x89PNG"
+    for png in ("detection_iterations", "super_weight_distribution"):
+        assert (out / "plots" / f"{png}_20260101_120000.png").read_bytes()[:4] == b"\x89PNG"

@@ -171,7 +171,7 @@ def test_notebooks_02_and_03_on_a_planted_tiny_model(tiny_folder, tiny_lm, tmp_p
             assert metric["ci95"] == full["paired_difference"]["ci95"]
             assert metric["impact_severity"] == full["impact_severity"]
         assert entry["perplexity_ratio_ci95"] == record["perplexity_impact"]["ratio_ci95"]
-    _png_ok(out / "plots" / "impact_comparison.png")
+    _png_ok(out / "plots" / f"impact_comparison_{TS}.png")
 
     # 03 reuses 02's cached baseline and individual conditions: those files stay untouched.
     stamps = {p: p.stat().st_mtime_ns for p in cache.rglob("*.json")}
@@ -186,7 +186,7 @@ def test_notebooks_02_and_03_on_a_planted_tiny_model(tiny_folder, tiny_lm, tmp_p
     assert impact["modified_perplexity"] == pytest.approx(_ppl(tiny_lm, PLANTED), rel=1e-5)
     assert [a["perplexity_impact"] for a in combined["individual"]] == [
         r["perplexity_impact"] for r in individual]
-    _png_ok(out / "plots" / "combined_analysis.png")
+    _png_ok(out / "plots" / f"combined_analysis_{TS}.png")
 
 
 def test_notebooks_without_super_weights_write_empty_lists(tiny_folder, tiny_lm, tmp_path):
@@ -202,8 +202,8 @@ def test_notebooks_without_super_weights_write_empty_lists(tiny_folder, tiny_lm,
     assert combined["super_weights"] == [] and combined["individual"] == []
     assert combined["perplexity_impact"] is None and combined["accuracy_impacts"] == {}
     assert not cache.exists()  # nothing was evaluated
-    _png_ok(out / "plots" / "impact_comparison.png")
-    _png_ok(out / "plots" / "combined_analysis.png")
+    _png_ok(out / "plots" / f"impact_comparison_{TS}.png")
+    _png_ok(out / "plots" / f"combined_analysis_{TS}.png")
 
 
 @pytest.mark.parametrize("name", ["02_individual_ablation.ipynb", "03_combined_ablation.ipynb"])
