@@ -26,8 +26,11 @@ FIELDS = {
     "spike_threshold": "detection.spike_threshold",
     "max_iterations": "detection.max_iterations",
     "confirm": "detection.confirm",
-    "confirm_ratio": "detection.confirm_ratio",
+    "super_ratio": "detection.super_ratio",
+    "control_largest": "detection.control_largest",
+    "control_random": "detection.control_random",
     "reference_tokens": "detection.reference_tokens",
+    "include_contributors": "evaluation.include_contributors",
     "perplexity_samples": "evaluation.perplexity_samples",
     "seq_len": "evaluation.seq_len",
     "accuracy_samples": "evaluation.accuracy_samples",
@@ -75,17 +78,31 @@ def build_parser() -> argparse.ArgumentParser:
     add("--reports-dir", metavar="DIR",
         help="folder of the HTML index (default: <repository>/reports, or <results-dir>/reports)")
 
+    d = config_mod.defaults()  # the help shows the real defaults
+    det, ev = d["detection"], d["evaluation"]
     g = p.add_argument_group("detection")
     g.add_argument("--prompt", help="detection prompt")
     g.add_argument("--spike-threshold", type=float, metavar="X",
-                   help="activation magnitude that counts as a spike (default 50)")
-    g.add_argument("--max-iterations", type=int, metavar="N", help="detection iterations (default 10)")
+                   help=f"activation magnitude that counts as a spike (default {det['spike_threshold']:g})")
+    g.add_argument("--max-iterations", type=int, metavar="N",
+                   help=f"detection iterations (default {det['max_iterations']})")
     g.add_argument("--confirm", action=argparse.BooleanOptionalAction, default=None,
-                   help="confirm candidates by zeroing them on a reference text (default on)")
-    g.add_argument("--confirm-ratio", type=float, metavar="X",
-                   help="loss(zeroed)/loss(baseline) a confirmed candidate reaches (default 1.05)")
+                   help="give every candidate a verdict (super_weight, contributor, no_effect) from "
+                        "zeroing it alone on a reference text, against a control of ordinary "
+                        "weights; --no-confirm: no causal test, every candidate is ablated "
+                        f"(default {'on' if det['confirm'] else 'off'})")
+    g.add_argument("--super-ratio", type=float, metavar="X",
+                   help="reference perplexity ratio (zeroed / unchanged) a super weight reaches at "
+                        f"least, far outside the control (default {det['super_ratio']:g})")
+    g.add_argument("--control-largest", type=int, metavar="K",
+                   help="control: the K largest-|W| non-candidate weights of each matrix "
+                        f"(default {det['control_largest']})")
+    g.add_argument("--control-random", type=int, metavar="K",
+                   help="control: K random weights of each candidate's row and K of its column "
+                        f"(default {det['control_random']})")
     g.add_argument("--reference-tokens", type=int, metavar="N",
-                   help="WikiText-2 tokens for the confirmation (default 512)")
+                   help="tokens of the reference text: the end of WikiText-2 test, never evaluated "
+                        f"(2-1024, default {det['reference_tokens']})")
 
     g = p.add_argument_group("evaluation")
     g.add_argument("--perplexity-samples", type=_count_or_all, metavar="N",
@@ -99,6 +116,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--gsm8k-samples", type=_count_or_all, metavar="N",
                    help="GSM8K items (generation is slow), or 'all'")
     g.add_argument("--batch-size", type=int, metavar="N")
+    g.add_argument("--include-contributors", action=argparse.BooleanOptionalAction, default=None,
+                   help="the ablation notebooks also zero the candidates with verdict contributor "
+                        f"(default {'on' if ev['include_contributors'] else 'off'}: super weights only)")
     g.add_argument("--skip-perplexity", action="store_true", default=None)
     g.add_argument("--skip-accuracy", action="store_true", default=None)
     g.add_argument("--cache-dir", metavar="DIR", help="evaluation cache folder")
