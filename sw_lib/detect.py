@@ -73,8 +73,7 @@ class Detection:
     published: dict | None
     timing: dict
     tokens: list[str] = field(default_factory=list)
-
-    rule: dict | None = None
+    rule: dict | None = None  # the verdict rule used; None: no causal test (confirm off)
 
     @property
     def super_weights(self) -> list[dict]:
