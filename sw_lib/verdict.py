@@ -98,7 +98,15 @@ def block_sums(differences: torch.Tensor, block_tokens: int) -> tuple[np.ndarray
 
 
 def effect_of(differences: torch.Tensor, rule: VerdictRule, interval: bool = True) -> dict:
-    """Effect, perplexity ratio and (when `interval`) the block-bootstrap interval of e."""
+    """Effect, perplexity ratio and (when `interval`) the block-bootstrap interval of e.
+
+    A non-finite NLL (the condition broke the model: inf or NaN logits) is the largest effect
+    there is: e = lo = hi = inf, with `non_finite` set (JSON writes inf as null)."""
+    if not bool(torch.isfinite(differences).all()):
+        inf = float("inf")
+        return {"effect": inf, "perplexity_ratio": inf, "non_finite": True,
+                **({"effect_interval": [inf, inf], "perplexity_ratio_interval": [inf, inf]}
+                   if interval else {})}
     e = float(differences.double().mean())
     result = {"effect": e, "perplexity_ratio": _ratio(e)}
     if interval:

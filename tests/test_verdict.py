@@ -190,6 +190,18 @@ def test_block_bootstrap_units_are_consecutive_blocks():
     assert 0.0 < noisy["effect_interval"][0] < 0.5 < noisy["effect_interval"][1] < 1.0
 
 
+def test_a_condition_that_breaks_the_model_is_the_largest_effect():
+    broken = torch.zeros(64)
+    broken[5] = float("nan")
+    effect = verdict.effect_of(broken, verdict.VerdictRule())
+    assert effect["non_finite"] and effect["effect_interval"] == [math.inf, math.inf]
+    rule = verdict.VerdictRule()
+    assert rule.verdict(effect, verdict.control_summary([{"effect": 0.1}])) == "super_weight"
+    # ... and a control that breaks the model leaves nothing far outside it.
+    candidate = verdict.effect_of(torch.full((64,), 3.0), rule)
+    assert rule.verdict(candidate, verdict.control_summary([effect])) == "no_effect"
+
+
 def test_without_the_causal_test_every_candidate_is_ablated(tokenizer):
     ids = tokenizer(PROMPT, return_tensors="pt").input_ids
     lm = models.from_model(tiny.tiny_model("llama", vocab_size=len(tokenizer)), tokenizer,
