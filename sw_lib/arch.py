@@ -46,6 +46,10 @@ class Family:
     down_proj: str = "mlp.down_proj"  # dotted path from a decoder layer
     # True when the module stores its weight as [in, out] (GPT-2's Conv1D) instead of [out, in].
     transposed: bool = False
+    # A norm with a learned gain between the MLP output and the residual add (dotted path from
+    # a decoder layer), where the family has one; looked up per layer, so a model type of the
+    # family without it (Gemma v1) simply has none.
+    post_mlp_norm: str | None = None
     moe: MoESpec | None = None
 
 
@@ -56,7 +60,7 @@ FAMILIES: tuple[Family, ...] = (
     Family("qwen3", ("qwen3",)),
     Family("olmo", ("olmo",)),
     Family("olmo2", ("olmo2",)),
-    Family("gemma", ("gemma", "gemma2", "gemma3_text")),
+    Family("gemma", ("gemma", "gemma2", "gemma3_text"), post_mlp_norm="post_feedforward_layernorm"),
     Family("phi3", ("phi3",)),  # fused gate_up_proj; down_proj is a plain Linear
     Family("gpt2", ("gpt2",), layers="transformer.h", down_proj="mlp.c_proj", transposed=True),
     Family("gpt_neox", ("gpt_neox",), layers="gpt_neox.layers", down_proj="mlp.dense_4h_to_h"),
@@ -125,6 +129,12 @@ def is_moe_layer(model: nn.Module, layer: int) -> bool:
 def down_proj(model: nn.Module, layer: int) -> nn.Module:
     """The dense MLP down projection of `layer` (raises for an MoE layer: use experts())."""
     return _get(decoder_layers(model)[layer], family_of(model).down_proj)
+
+
+def post_mlp_norm(model: nn.Module, layer: int) -> nn.Module | None:
+    """The norm (with a learned gain) that the MLP's output passes before the residual add
+    (Gemma 2 / 3: post_feedforward_layernorm), or None where the layer has none."""
+    return _find(decoder_layers(model)[layer], family_of(model).post_mlp_norm)
 
 
 def dense_layers(model: nn.Module) -> list[int]:

@@ -38,7 +38,7 @@ def compare(model_name: str, candidates: list[dict]) -> dict | None:
         return None
     by_coord = {(c["layer"], c["row"], c["column"]): c for c in candidates}
     expected = [{"layer": l, "row": r, "column": c} for l, r, c in entry["weights"]]
-    found = [dict(e, confirmed=bool(by_coord[(e["layer"], e["row"], e["column"])].get("confirmed")))
+    found = [dict(e, verdict=by_coord[(e["layer"], e["row"], e["column"])].get("verdict"))
              for e in expected if (e["layer"], e["row"], e["column"]) in by_coord]
     missing = [e for e in expected if (e["layer"], e["row"], e["column"]) not in by_coord]
     return {"model": entry["model"], "source": entry["source"], "expected": expected,

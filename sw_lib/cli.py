@@ -27,8 +27,11 @@ FIELDS = {
     "spike_threshold": "detection.spike_threshold",
     "max_iterations": "detection.max_iterations",
     "confirm": "detection.confirm",
-    "confirm_ratio": "detection.confirm_ratio",
+    "super_ratio": "detection.super_ratio",
+    "control_largest": "detection.control_largest",
+    "control_random": "detection.control_random",
     "reference_tokens": "detection.reference_tokens",
+    "include_contributors": "evaluation.include_contributors",
     "perplexity_samples": "evaluation.perplexity_samples",
     "seq_len": "evaluation.seq_len",
     "accuracy_samples": "evaluation.accuracy_samples",
@@ -130,11 +133,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help="activation magnitude that counts as a spike")
     g.add_argument("--max-iterations", type=_integer, metavar="N", help="detection iterations")
     g.add_argument("--confirm", action=argparse.BooleanOptionalAction, default=None,
-                   help="confirm candidates by zeroing them on a reference text")
-    g.add_argument("--confirm-ratio", type=float, metavar="X",
-                   help="loss(zeroed)/loss(baseline) a confirmed candidate reaches")
+                   help="give every candidate a verdict (super_weight, contributor, no_effect) "
+                        "from zeroing it alone on a reference text, against a control of "
+                        "ordinary weights; --no-confirm: no causal test, every candidate is "
+                        "ablated")
+    g.add_argument("--super-ratio", type=float, metavar="X",
+                   help="reference perplexity ratio (zeroed / unchanged) a super weight reaches "
+                        "at least, far outside the control")
+    g.add_argument("--control-largest", type=_integer, metavar="K",
+                   help="control: the K largest-|W| non-candidate weights of each matrix")
+    g.add_argument("--control-random", type=_integer, metavar="K",
+                   help="control: K random weights of each candidate's row and K of its column")
     g.add_argument("--reference-tokens", type=_integer, metavar="N",
-                   help="WikiText-2 tokens for the confirmation")
+                   help="tokens of the reference text: the end of WikiText-2 test, never "
+                        "evaluated (2-1024)")
 
     g = p.add_argument_group("evaluation")
     g.add_argument("--perplexity-samples", type=_count_or_all, metavar="N",
@@ -148,6 +160,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--gsm8k-samples", type=_count_or_all, metavar="N",
                    help="GSM8K items (generation is slow), or 'all'")
     g.add_argument("--batch-size", type=_integer, metavar="N", help="sequences per forward pass")
+    g.add_argument("--include-contributors", action=argparse.BooleanOptionalAction, default=None,
+                   help="the ablation notebooks also zero the candidates with verdict "
+                        "contributor (off: super weights only)")
     g.add_argument("--skip-perplexity", action="store_true", default=None,
                    help="no WikiText-2 perplexity")
     g.add_argument("--skip-accuracy", action="store_true", default=None,

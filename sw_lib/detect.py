@@ -1,4 +1,4 @@
-"""Dense super weight detection: spikes, iterate-and-zero, causal confirmation.
+"""Dense super weight detection: spikes, iterate-and-zero, verdicts against a control.
 
 Seed behaviour (the original script): feed one prompt, hook every layer's down projection, take
 per layer the largest |input| and |output|; a layer is a candidate when both exceed
@@ -8,10 +8,15 @@ found and run again, up to `max_iterations`, until no new coordinate appears; re
 Beyond the seed:
 - the token of each spike is kept and `co_occurs` says whether input and output peak on the
   same token (a weight can only create the output spike where its input spikes);
-- late layers spike too, without being causal: every candidate is zeroed alone and the loss
-  ratio on a short WikiText-2 reference text is measured; `confirmed` above `confirm_ratio`;
+- where the MLP output passes a norm with a learned gain before the residual add (Gemma 2 / 3),
+  that norm's output is read too: a small raw output can enter the residual stream huge. Its
+  largest channel is then the row; `flagged_by` says which reading(s) flagged a candidate;
+- late layers spike too, without being causal: every candidate gets a verdict from its own
+  effect on a reference text no evaluation reads, against zeroing ordinary weights of the same
+  matrix (`sw_lib.verdict`, rule in its docstring): super_weight, contributor or no_effect;
 - candidates are grouped by (layer, column), since zeroing one row of a column leaves the
-  input spike and lets further rows surface in later iterations; each group is also confirmed;
+  input spike and lets further rows surface in later iterations; each group's joint effect is
+  measured too, but a member earns its verdict by its own effect;
 - statistics are computed in float32 whatever the model dtype.
 """
 from __future__ import annotations
@@ -20,20 +25,19 @@ import time
 from dataclasses import asdict, dataclass, field
 
 import torch
-from tqdm.auto import tqdm
 
-from . import ablate, arch, catalog, data, prefix
+from . import ablate, arch, catalog, hooks, reference, verdict
 
 DEFAULT_PROMPT = "Apple Inc. is a worldwide tech company."
 DEFAULT_THRESHOLD = 50.0
 DEFAULT_ITERATIONS = 10
-DEFAULT_CONFIRM_RATIO = 1.02
-DEFAULT_REFERENCE_TOKENS = 512
+READINGS = ("down_proj", "post_norm")
 
 
 @dataclass
 class LayerMaxima:
-    """Largest |input| and |output| of one layer's down projection (float32)."""
+    """Largest |input| and |output| of one layer's down projection (float32), and the largest
+    |output| of the post-MLP norm where the layer has one (else None)."""
 
     layer: int
     max_input: float
@@ -42,6 +46,17 @@ class LayerMaxima:
     max_output: float
     output_token: int
     output_channel: int
+    max_post_norm: float | None = None
+    post_norm_token: int | None = None
+    post_norm_channel: int | None = None
+
+    def readings(self) -> list[tuple[str, float, int, int]]:
+        """(reading, value, token, channel) of each output reading the layer has."""
+        out = [("down_proj", self.max_output, self.output_token, self.output_channel)]
+        if self.max_post_norm is not None:
+            out.append(("post_norm", self.max_post_norm, self.post_norm_token,
+                        self.post_norm_channel))
+        return out
 
 
 @dataclass
@@ -54,19 +69,37 @@ class Detection:
     candidates: list[dict]
     groups: list[dict]
     iterations: list[dict]
-    reference: dict
+    reference: dict | None
     published: dict | None
     timing: dict
     tokens: list[str] = field(default_factory=list)
+    rule: dict | None = None  # the verdict rule used; None: no causal test (confirm off)
 
     @property
     def super_weights(self) -> list[dict]:
-        return [c for c in self.candidates if c["confirmed"] or c.get("group_confirmed")]
+        """Candidates with verdict super_weight; every candidate when there was no causal
+        test (the original script's behaviour)."""
+        if self.rule is None:
+            return list(self.candidates)
+        return [c for c in self.candidates if c["verdict"] == "super_weight"]
+
+    @property
+    def contributors(self) -> list[dict]:
+        return [c for c in self.candidates if c.get("verdict") == "contributor"]
+
+    def counts(self) -> dict[str, int]:
+        """How many candidates got each verdict (all zero without a causal test)."""
+        return {v: sum(c.get("verdict") == v for c in self.candidates) for v in verdict.VERDICTS}
 
     def to_dict(self) -> dict:
         d = asdict(self)
-        d = {"schema": "sw-detection/1", **d, "super_weights": self.super_weights}
-        return d
+        rule = d.pop("rule")
+        return {"schema": "sw-detection/2", **d, "super_weights": self.super_weights,
+                "contributors": self.contributors, "verdict_counts": self.counts(),
+                "verdict_rule": rule,
+                "super_weights_are": ("candidates with verdict super_weight" if rule else
+                                      "every candidate: no causal test was run (confirm off), "
+                                      "as in the original script")}
 
 
 # --- one forward pass: the per-layer maxima ------------------------------------------------
@@ -82,28 +115,54 @@ def _abs_argmax(t: torch.Tensor) -> tuple[float, int, int]:
 
 @torch.no_grad()
 def layer_maxima(model: torch.nn.Module, input_ids: torch.Tensor) -> list[LayerMaxima]:
-    """One forward pass with a hook on every dense down projection."""
+    """One forward pass with a hook on every dense down projection (and post-MLP norm)."""
     stats: dict[int, LayerMaxima] = {}
 
-    def hook(layer):
+    def on_down_proj(layer):
         def record(module, args, output):
             x, y = args[0][0], output[0]  # first sequence: [tokens, channels]
-            vi, ti, ci = _abs_argmax(x)
-            vo, to, co = _abs_argmax(y)
-            stats[layer] = LayerMaxima(layer, vi, ti, ci, vo, to, co)
+            stats[layer] = LayerMaxima(layer, *_abs_argmax(x), *_abs_argmax(y))
         return record
 
-    handles = [arch.down_proj(model, i).register_forward_hook(hook(i))
-               for i in arch.dense_layers(model)]
-    try:
+    def on_post_norm(layer):
+        def record(module, args, output):  # runs after the layer's down projection
+            value, token, channel = _abs_argmax(output[0])
+            stats[layer].max_post_norm = value
+            stats[layer].post_norm_token, stats[layer].post_norm_channel = token, channel
+        return record
+
+    pairs = []
+    for i in arch.dense_layers(model):
+        pairs.append((arch.down_proj(model, i), on_down_proj(i)))
+        norm = arch.post_mlp_norm(model, i)
+        if norm is not None:
+            pairs.append((norm, on_post_norm(i)))
+    with hooks.attached(pairs):
         model(input_ids.to(next(model.parameters()).device))
-    finally:
-        for h in handles:
-            h.remove()
     return [stats[i] for i in sorted(stats)]
 
 
 # --- iterate and zero ---------------------------------------------------------------------
+
+
+def _spike_candidates(m: LayerMaxima, spike_threshold: float) -> dict[tuple, dict]:
+    """The coordinates one layer's readings flag, each with the readings that flagged it."""
+    found: dict[tuple, dict] = {}
+    if m.max_input <= spike_threshold:
+        return found
+    for reading, value, token, channel in m.readings():
+        if value <= spike_threshold:
+            continue
+        coord = (m.layer, channel, m.input_channel)
+        c = found.setdefault(coord, {
+            "layer": m.layer, "row": channel, "column": m.input_channel, "expert": None,
+            "shared": False, "input_value": m.max_input, "input_token": m.input_token,
+            "output_value": value, "output_token": token, "flagged_by": []})
+        c["flagged_by"].append(reading)
+        c[f"{reading}_value"] = value
+    for c in found.values():
+        c["co_occurs"] = c["input_token"] == c["output_token"]
+    return found
 
 
 def find_candidates(model, input_ids, spike_threshold=DEFAULT_THRESHOLD,
@@ -117,20 +176,11 @@ def find_candidates(model, input_ids, spike_threshold=DEFAULT_THRESHOLD,
             maxima = layer_maxima(model, input_ids)
         new = []
         for m in maxima:
-            if m.max_input <= spike_threshold or m.max_output <= spike_threshold:
-                continue
-            coord = (m.layer, m.output_channel, m.input_channel)
-            co_occurs = m.input_token == m.output_token
-            if coord in seen or (require_co_occurrence and not co_occurs):
-                continue
-            new.append(coord)
-            candidates.append({
-                "layer": m.layer, "row": m.output_channel, "column": m.input_channel,
-                "expert": None, "shared": False, "iteration": iteration,
-                "input_value": m.max_input, "output_value": m.max_output,
-                "input_token": m.input_token, "output_token": m.output_token,
-                "co_occurs": co_occurs,
-            })
+            for coord, c in _spike_candidates(m, spike_threshold).items():
+                if coord in seen or (require_co_occurrence and not c["co_occurs"]):
+                    continue
+                new.append(coord)
+                candidates.append({**c, "iteration": iteration})
         iterations.append({"iteration": iteration, "layers": [asdict(m) for m in maxima],
                            "new": [list(c) for c in new]})
         if not new:
@@ -150,52 +200,46 @@ def group_by_column(candidates: list[dict]) -> list[dict]:
     return list(groups.values())
 
 
-# --- causal confirmation -------------------------------------------------------------------
+# --- verdicts -------------------------------------------------------------------------------
 
 
-def reference_ids(tokenizer, n_tokens: int = DEFAULT_REFERENCE_TOKENS) -> torch.Tensor:
-    """The first `n_tokens` tokens of the bundled WikiText-2 test text, joined as the
-    perplexity evaluation joins it (rows with "\n\n"), so both read the same token stream."""
-    text = "\n\n".join(data.wikitext_rows())[: n_tokens * 8]  # ~4 characters a token
-    ids = tokenizer(text, return_tensors="pt").input_ids[:, :n_tokens]
-    return ids
+def _members(candidates: list[dict], group: dict) -> list[int]:
+    key = (group["layer"], group["expert"], group["column"])
+    return [i for i, c in enumerate(candidates)
+            if (c["layer"], c.get("expert"), c["column"]) == key]
 
 
-@torch.no_grad()
-def mean_loss(model: torch.nn.Module, input_ids: torch.Tensor) -> float:
-    """Mean next-token negative log-likelihood, computed in float32."""
-    input_ids = input_ids.to(next(model.parameters()).device)
-    logits = model(input_ids).logits[0, :-1].float()
-    return float(torch.nn.functional.cross_entropy(logits, input_ids[0, 1:]))
+def _brief_control(control: dict) -> dict:
+    return {k: v for k, v in control.items() if k != "conditions"}
 
 
-def confirm(model, candidates, groups, ref_ids, confirm_ratio=DEFAULT_CONFIRM_RATIO,
-            progress=True) -> dict:
-    """Zero each candidate (and each multi-row group) alone; record loss ratios in place.
-
-    Layers before an edited layer are unchanged, so their recorded outputs are reused.
-    """
-    with prefix.recording_inputs(model, {c["layer"] for c in candidates}) as inputs:
-        baseline = mean_loss(model, ref_ids)
-
-    def ablated_loss(weights: list[dict]) -> float:
-        start = min(w["layer"] for w in weights)
-        with prefix.starting_at(model, start, inputs.get(start)), ablate.zeroed(model, weights):
-            return mean_loss(model, ref_ids)
-
-    for c in tqdm(candidates, desc="confirming candidates", disable=not progress, leave=False):
-        c["loss"] = ablated_loss([c])
-        c["loss_ratio"] = c["loss"] / baseline
-        c["confirmed"] = c["loss_ratio"] >= confirm_ratio
+def judge_candidates(model, candidates: list[dict], groups: list[dict],
+                     ref: reference.ReferenceText, rule: verdict.VerdictRule,
+                     control_largest: int = verdict.DEFAULT_CONTROL_LARGEST,
+                     control_random: int = verdict.DEFAULT_CONTROL_RANDOM,
+                     progress: bool = True) -> dict:
+    """Give every candidate (and every multi-row group) its effect, control and verdict, in
+    place. Returns what the JSON says about the reference text."""
+    cases = verdict.weight_cases(model, candidates, control_largest, control_random, rule.seed)
+    multi = [(g, _members(candidates, g)) for g in groups if len(g["rows"]) > 1]
+    for g, members in multi:
+        controls = {cond: d for i in members for d, cond in cases[i].controls}
+        cases.append(verdict.Case(reference.Condition.zeroing([candidates[i] for i in members]),
+                                  [(d, cond) for cond, d in controls.items()]))
+    layers = {case.condition.first_layer for case in cases}
+    meter = reference.Meter(model, ref.ids, layers)
+    judged = verdict.judge(meter, cases, rule, progress)
+    for c, result in zip(candidates, judged):
+        c.update(result)
+    for (g, _), result in zip(multi, judged[len(candidates):]):
+        g.update(result, control=_brief_control(result["control"]))
     for g in groups:
-        members = [c for c in candidates
-                   if (c["layer"], c.get("expert"), c["column"]) == (g["layer"], g["expert"], g["column"])]
-        loss = members[0]["loss"] if len(members) == 1 else ablated_loss(members)
-        g["loss_ratio"] = loss / baseline
-        g["confirmed"] = g["loss_ratio"] >= confirm_ratio
-        for c in members:
-            c["group_confirmed"] = g["confirmed"]
-    return {"text_tokens": int(ref_ids.shape[1]), "baseline_loss": baseline}
+        if len(g["rows"]) == 1:
+            (only,) = _members(candidates, g)
+            g.update({k: candidates[only][k] for k in judged[0] if k != "control"},
+                     control=_brief_control(candidates[only]["control"]))
+    return {**ref.info(), "predicted_tokens": int(meter.baseline.numel()),
+            "baseline_loss": float(meter.baseline.double().mean())}
 
 
 # --- the whole detection -------------------------------------------------------------------
@@ -205,22 +249,31 @@ def detect_super_weights(lm, prompt: str = DEFAULT_PROMPT,
                          spike_threshold: float = DEFAULT_THRESHOLD,
                          max_iterations: int = DEFAULT_ITERATIONS,
                          confirm_candidates: bool = True,
-                         confirm_ratio: float = DEFAULT_CONFIRM_RATIO,
-                         reference_tokens: int = DEFAULT_REFERENCE_TOKENS,
+                         super_ratio: float = verdict.DEFAULT_SUPER_RATIO,
+                         control_largest: int = verdict.DEFAULT_CONTROL_LARGEST,
+                         control_random: int = verdict.DEFAULT_CONTROL_RANDOM,
+                         reference_tokens: int = reference.DEFAULT_TOKENS,
                          require_co_occurrence: bool = False,
                          moe_options: dict | None = None,
                          progress: bool = True) -> Detection:
-    """Find, confirm and group the super weights of a `LoadedModel`.
+    """Find, group and judge the super weight candidates of a `LoadedModel`.
 
     Dense down projections are scanned here; for a mixture-of-experts model the expert super
     weights found by `sw_lib.moe` (with `moe_options`: p_active_floor, co_spike_threshold)
-    join the same candidate list, so confirmation, grouping and the JSON treat both alike.
+    join the same candidate list, so verdicts, grouping and the JSON treat both alike.
+    `confirm_candidates=False` skips the causal test: every candidate has verdict None and
+    counts as a super weight (the original script's behaviour).
     """
     if spike_threshold <= 0:
         raise ValueError(f"spike_threshold must be positive, got {spike_threshold}")
     if max_iterations < 1:
         raise ValueError(f"max_iterations must be at least 1, got {max_iterations}")
+    if control_largest < 0 or control_random < 0:
+        raise ValueError(f"control_largest and control_random must be >= 0, got "
+                         f"{control_largest} and {control_random}")
+    rule = verdict.VerdictRule(super_ratio=super_ratio)
     model, tokenizer = lm.model, lm.tokenizer
+    ref = reference.reference_text(tokenizer, reference_tokens) if confirm_candidates else None
     input_ids = tokenizer(prompt, return_tensors="pt").input_ids
     start = time.perf_counter()
     candidates, iterations = find_candidates(model, input_ids, spike_threshold, max_iterations,
@@ -228,8 +281,8 @@ def detect_super_weights(lm, prompt: str = DEFAULT_PROMPT,
     if lm.family.moe is not None:
         from . import moe
 
-        candidates += moe.detect_expert_super_weights(
-            lm, prompt, spike_threshold, max_iterations, **(moe_options or {}))
+        candidates += [{**c, "flagged_by": ["down_proj"]} for c in moe.detect_expert_super_weights(
+            lm, prompt, spike_threshold, max_iterations, **(moe_options or {}))]
     detection_seconds = time.perf_counter() - start
     tokens = [tokenizer.decode([t]) for t in input_ids[0].tolist()]
     for c in candidates:
@@ -237,28 +290,30 @@ def detect_super_weights(lm, prompt: str = DEFAULT_PROMPT,
     groups = group_by_column(candidates)
 
     start = time.perf_counter()
-    reference: dict = {}
-    if confirm_candidates and candidates:
-        reference = confirm(model, candidates, groups, reference_ids(tokenizer, reference_tokens),
-                            confirm_ratio, progress)
+    reference_info = None
+    if ref is not None:
+        reference_info = ref.info()
+        if candidates:
+            reference_info = judge_candidates(model, candidates, groups, ref, rule,
+                                              control_largest, control_random, progress)
     else:
-        for c in candidates:
-            c.update(loss_ratio=None, confirmed=True)
-        for g in groups:
-            g.update(loss_ratio=None, confirmed=True)
-    confirmation_seconds = time.perf_counter() - start
+        for c in candidates + groups:
+            c["verdict"] = None
+    verdict_seconds = time.perf_counter() - start
 
     return Detection(
         model=lm.name, fingerprint=lm.fingerprint, family=lm.family.name,
         num_layers=arch.num_layers(model),
         config={"prompt": prompt, "spike_threshold": spike_threshold,
                 "max_iterations": max_iterations, "confirm": confirm_candidates,
-                "confirm_ratio": confirm_ratio, "reference_tokens": reference_tokens,
+                "super_ratio": super_ratio, "control_largest": control_largest,
+                "control_random": control_random, "reference_tokens": reference_tokens,
                 "require_co_occurrence": require_co_occurrence, "moe_options": moe_options,
                 "dtype": str(lm.dtype).removeprefix("torch."), "device": str(lm.device)},
-        candidates=candidates, groups=groups, iterations=iterations, reference=reference,
+        candidates=candidates, groups=groups, iterations=iterations, reference=reference_info,
         published=catalog.compare(lm.name, candidates),
-        timing={"detection_seconds": detection_seconds,
-                "confirmation_seconds": confirmation_seconds},
+        timing={"detection_seconds": detection_seconds, "verdict_seconds": verdict_seconds},
         tokens=tokens,
+        rule=({**rule.to_dict(), "control_largest": control_largest,
+               "control_random": control_random} if confirm_candidates else None),
     )

@@ -120,6 +120,69 @@ def plant_super_weight(model: nn.Module, layer: int, row: int, column: int,
         matrix[extra_row, column] = extra_value
 
 
+@torch.no_grad()
+def rely_on_channel(model: nn.Module, row: int, shared_channel: int = 3,
+                    head_scale: float = 20.0) -> None:
+    """Make a tiny random model need a massive activation on residual channel `row`, as a real
+    model needs its super activation; call it before `plant_super_weight`.
+
+    - Every token's embedding gets 1.0 on `shared_channel`: a direction all hidden states share,
+      so a super weight planted afterwards (aligned with the prompt's first token) spikes on
+      every token of any text, the reference text included.
+    - The LM head is scaled by `head_scale` (confident, random predictions) and reads nothing
+      from `row`. While `row` holds a massive value the final norm shrinks every other channel
+      and the predictions stay near uniform; without it the confident random predictions
+      return and the loss rises by nats. A second weight writing `row` in a later layer adds
+      to the massive value: removing it weakens the shrinking a little (a mild effect).
+    """
+    embeddings = model.get_input_embeddings().weight
+    embeddings[:, shared_channel] = 1.0
+    head = model.get_output_embeddings().weight  # [vocab, hidden]
+    head.mul_(head_scale)
+    head[:, row] = 0.0
+
+
+# Where `plant_verdict_examples` plants, and the verdict each one earns.
+VERDICT_EXAMPLES = {"super_weight": (1, 37, 101), "contributor": (2, 37, 55),
+                    "no_effect": (3, 20, 80)}
+
+
+def plant_verdict_examples(model: nn.Module, input_ids: torch.Tensor) -> dict[str, tuple]:
+    """Plant one weight of each verdict in a tiny model of four layers with a final `norm`
+    (Llama-like), at the coordinates of VERDICT_EXAMPLES (returned):
+
+    - the model needs a massive activation on residual channel 37 (`rely_on_channel`);
+      L1 [37, 101] makes it: zeroing it is catastrophic (super_weight);
+    - L2 [37, 55] adds as much again: zeroing it leaves L1's half, a mild effect (contributor);
+    - L3 [20, 80] spikes on channel 20, which the final norm cuts off (gain 0): its only path
+      is a small change of the norm's scale, no more than ordinary weights of its column
+      do (no_effect).
+    """
+    (l1, row, c1), (l2, _, c2), (l3, cut, c3) = VERDICT_EXAMPLES.values()
+    rely_on_channel(model, row=row)
+    plant_super_weight(model, l1, row, c1, input_ids, value=1.0)
+    plant_super_weight(model, l2, row, c2, input_ids, value=1.0)
+    plant_super_weight(model, l3, cut, c3, input_ids, value=0.3)
+    with torch.no_grad():
+        model.model.norm.weight[cut] = 0.0
+    return dict(VERDICT_EXAMPLES)
+
+
+@torch.no_grad()
+def set_post_norm_gain(model: nn.Module, layer: int, row: int, gain: float) -> None:
+    """Give channel `row` of `layer`'s post-MLP norm (Gemma 2 / 3) the effective gain `gain`,
+    whichever convention the norm uses (Gemma scales by 1 + weight)."""
+    norm = arch.post_mlp_norm(model, layer)
+    if norm is None:
+        raise ValueError(f"layer {layer} of this {arch.family_of(model).name} model has no "
+                         "post-MLP norm")
+    saved = norm.weight[row].clone()
+    norm.weight[row] = 0.0
+    probe = torch.ones(1, norm.weight.numel(), dtype=norm.weight.dtype)
+    offset = float(norm(probe)[0, row])  # the gain a zero weight gives: 0 or 1
+    norm.weight[row] = saved if gain is None else gain - offset
+
+
 def save_tiny(model: nn.Module, tokenizer, folder: str | Path) -> Path:
     """Save a tiny model with its tokenizer as a folder `load_model` accepts."""
     folder = Path(folder)

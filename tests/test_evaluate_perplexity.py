@@ -9,7 +9,7 @@ from conftest import make_tiny
 
 from sw_lib import data
 from sw_lib.evaluate import perplexity
-from sw_lib.evaluate.perplexity import window_indices
+from sw_lib.evaluate.perplexity import RESERVED_TAIL_TOKENS, window_indices
 
 TEXT = ("Robert Boulter is an English film, television and theatre actor. He had a guest starring "
         "role on the television series The Bill in 2000. This was followed by a starring role in "
@@ -79,7 +79,9 @@ def test_wikitext_is_joined_rows_cut_into_windows(tokenizer):
     info = result["dataset_info"]
     assert info["name"] == "wikitext-2-raw-v1/test"
     assert info["total_tokens"] == len(tokens) and info["total_windows"] == len(tokens) // 512
-    assert result["windows"] == [0, info["total_windows"] // 2]
+    # Windows reaching into detection's reference text (the stream's tail) are never evaluated.
+    usable = (len(tokens) - RESERVED_TAIL_TOKENS) // 512
+    assert result["windows"] == [0, usable // 2]
     with torch.no_grad():
         for w, nll in zip(result["windows"], result["per_window_nll"]):
             ids = torch.tensor([tokens[w * 512:(w + 1) * 512]])

@@ -6,10 +6,12 @@ every zero/skip must restore the 3-D expert tensors bit-exactly.
 """
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
-from sw_lib import ablate, arch, detect, moe, tiny, tiny_moe
+from sw_lib import ablate, arch, detect, moe, reference, tiny, tiny_moe
 from sw_lib.plots import moe as moe_plots
 from sw_lib.moe.super_weights import _reasons
 from conftest import assert_bit_identical, make_tiny, weights_snapshot
@@ -410,11 +412,13 @@ def test_dense_detector_takes_in_expert_super_weights(tokenizer, ids):
     snapshot = weights_snapshot(lm.model)
     found = detect.detect_super_weights(lm, PROMPT, reference_tokens=32, progress=False)
     assert _coords(found.candidates) == planted
+    assert all(c["verdict"] in ("super_weight", "contributor", "no_effect")
+               for c in found.candidates)
     assert_bit_identical(lm.model, snapshot)
-    # each candidate's loss ratio is its own ablation's, recomputed here by brute force
-    ref = detect.reference_ids(tokenizer, 32)
-    baseline = detect.mean_loss(lm.model, ref)
+    # each candidate's perplexity ratio is its own ablation's, recomputed here by brute force
+    ref = reference.reference_text(tokenizer, 32).ids
+    baseline = reference.mean_loss(lm.model, ref)
     for c in found.candidates:
         with ablate.zeroed(lm.model, [c]):
-            assert c["loss_ratio"] == pytest.approx(detect.mean_loss(lm.model, ref) / baseline,
-                                                    rel=1e-5), _coords([c])
+            ratio = math.exp(reference.mean_loss(lm.model, ref) - baseline)
+        assert c["perplexity_ratio"] == pytest.approx(ratio, rel=1e-4), _coords([c])

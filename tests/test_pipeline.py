@@ -45,7 +45,7 @@ def figure(name, values=(0, 1)):
 
 STAGES = {
     "01_detection": ('model = ""\noutput_dir = ""\nrun_timestamp = ""\nspike_threshold = 1.0\n'
-                     'confirm_ratio = 9.9  # loss(zeroed) / loss(baseline) >= this\n'
+                     'super_ratio = 9.9  # perplexity ratio (zeroed / unchanged) >= this\n'
                      'undeclared_default = 7', '''
 cfg = json.loads((Path(model) / "config.json").read_text())
 weights = [{"layer": 1, "row": 3, "column": 5, "expert": None, "shared": False},
@@ -53,7 +53,7 @@ weights = [{"layer": 1, "row": 3, "column": 5, "expert": None, "shared": False},
 write(f"data/detection_{run_timestamp}.json",
       {"schema": "sw-detection/1", "model": model, "num_layers": cfg["num_hidden_layers"],
        "super_weights": weights, "spike_threshold": spike_threshold,
-       "confirm_ratio": confirm_ratio,
+       "super_ratio": super_ratio,
        "saw_accuracy_samples": "accuracy_samples" in globals(),
        "undeclared_default": undeclared_default})
 figure("detection_iterations", [0, spike_threshold])
@@ -150,11 +150,11 @@ def test_run_records_and_resume_redoes_only_unfinished_work(tmp_path):
     # Each notebook got the parameters its parameters cell declares, and only those.
     detection = results.read_json(m.detection_json)
     assert detection["spike_threshold"] == 42.0
-    assert detection["confirm_ratio"] == cfg["detection"]["confirm_ratio"]  # '=' in a comment
+    assert detection["super_ratio"] == cfg["detection"]["super_ratio"]  # '=' in a comment
     assert detection["saw_accuracy_samples"] is False  # not declared by 01: not injected
     assert detection["undeclared_default"] == 7  # nothing to supply: the notebook's default
     assert set(stages["01_detection"]["parameters"]) == {
-        "model", "output_dir", "run_timestamp", "spike_threshold", "confirm_ratio"}
+        "model", "output_dir", "run_timestamp", "spike_threshold", "super_ratio"}
     assert stages["02_individual_ablation"]["parameters"]["accuracy_samples"] == 3
     before = _mtimes(results_dir)
 

@@ -6,9 +6,12 @@ non-overlapping windows of `seq_len` tokens (capped by the model's context), the
 dropped. Each window predicts its tokens 2..seq_len, so perplexity = exp(total NLL / total
 predicted tokens) = exp(mean per-window loss), as in the GPTQ code.
 
-`n_windows=N` evaluates N windows spread evenly over the text: window indices
-floor(i * total / N) for i = 0..N-1 (N >= total takes every window). Evenly spread windows
-cover the whole test set, unlike the first N, and are the same on every run.
+The last `RESERVED_TAIL_TOKENS` tokens of the WikiText-2 stream are detection's reference text
+(`sw_lib.reference`): a window that overlaps them is never evaluated, so no evaluated token is
+one that detection judged candidates on. `n_windows=N` evaluates N windows spread evenly over
+the `usable` windows that end before that tail: indices floor(i * usable / N) for i = 0..N-1
+(N >= usable takes every one). Evenly spread windows cover the whole test set, unlike the
+first N, and are the same on every run.
 """
 from __future__ import annotations
 
@@ -26,8 +29,12 @@ from . import forward
 from .multiple_choice import max_length
 from .prefix import planned, run_decoder
 
+# Tokens at the end of the WikiText-2 stream kept for detection's reference text (its longest).
+RESERVED_TAIL_TOKENS = 1024
+
 PROTOCOL = {"name": "wikitext-2-raw-v1/test", "convention": "gptq", "joiner": "\n\n",
-            "window_selection": "evenly spaced", "version": 1}
+            "window_selection": "evenly spaced", "reserved_tail_tokens": RESERVED_TAIL_TOKENS,
+            "version": 2}
 
 _TOKENS: dict[tuple, list[int]] = {}  # tokenized text per (tokenizer, text source)
 
@@ -48,6 +55,18 @@ def window_indices(total: int, n: int | None) -> list[int]:
     if n < 1:
         raise ValueError(f"n_windows must be at least 1, got {n}")
     return [i * total // n for i in range(n)]
+
+
+def select_windows(total_tokens: int, seq_len: int, n_windows: int | None,
+                   reserved_tail: int) -> tuple[list[int], list[int]]:
+    """(evaluated, excluded) window indices: `n_windows` spread evenly over the windows that end
+    before the last `reserved_tail` tokens, and the full windows left out for overlapping them."""
+    total = total_tokens // seq_len
+    usable = max(total_tokens - reserved_tail, 0) // seq_len
+    if usable == 0:
+        raise ValueError(f"every window of {seq_len} tokens overlaps the last {reserved_tail} "
+                         "tokens kept for detection's reference text; lower seq_len")
+    return window_indices(usable, n_windows), list(range(usable, total))
 
 
 @torch.no_grad()
@@ -91,7 +110,8 @@ def perplexity(lm, edits=(), seq_len: int = 2048, n_windows: int | None = None,
     total = len(tokens) // seq_len
     if total == 0:
         raise ValueError(f"the text has {len(tokens)} tokens, fewer than one window of {seq_len}")
-    chosen = window_indices(total, n_windows)
+    reserved = 0 if text is not None else RESERVED_TAIL_TOKENS  # a custom text keeps them all
+    chosen, excluded = select_windows(len(tokens), seq_len, n_windows, reserved)
     name = PROTOCOL["name"] if text is None else "custom text"
     task_key = {**PROTOCOL, "name": "perplexity" if text is None else "perplexity-text",
                 "seq_len": seq_len, "total_tokens": len(tokens), "source": source,
@@ -126,7 +146,9 @@ def perplexity(lm, edits=(), seq_len: int = 2048, n_windows: int | None = None,
         "windows": chosen,
         "dataset_info": {"name": name, "source": source, "total_tokens": len(tokens),
                          "total_windows": total, "windows_used": len(chosen),
-                         "window_selection": "evenly spaced: floor(i * total / n)",
+                         "excluded_windows": excluded, "reserved_tail_tokens": reserved,
+                         "window_selection": "evenly spaced over the usable windows: "
+                                             "floor(i * usable / n)",
                          "convention": "gptq: rows joined with \\n\\n, non-overlapping windows"},
         "edits": [e.to_dict() for e in edits],
         "info": {"seconds": time.perf_counter() - start_time, "computed_windows": len(computed),

@@ -12,11 +12,11 @@ import statistics
 import torch
 from torch import nn
 
-from .. import ablate, arch, detect
+from .. import ablate, arch, reference
 from .texts import reference_ids
 
 # Mean next-token negative log-likelihood of [1, S] ids in float32 (the dense detector's).
-reference_loss = detect.mean_loss
+reference_loss = reference.mean_loss
 
 
 # Routed and shared experts alike (the mechanism lives with the other weight edits).

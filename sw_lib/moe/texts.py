@@ -1,14 +1,14 @@
 """The WikiText-2 texts the MoE analysis routes, and the reference text for loss ratios.
 
 Both come from the bundled, sha256-verified WikiText-2 test split (`sw_lib.data`); the reference
-text is the dense detector's (`sw_lib.detect.reference_ids`), so loss ratios of notebooks 01
-and 04 are measured on the same tokens.
+text is the dense detector's (`sw_lib.reference`: the tail of the test token stream, which no
+evaluation reads), so effects in notebooks 01 and 04 are measured on the same tokens.
 """
 from __future__ import annotations
 
 import torch
 
-from .. import data, detect
+from .. import data, reference
 
 
 def wikitext_paragraphs() -> list[str]:
@@ -35,6 +35,6 @@ def text_ids(tokenizer, num_texts: int, tokens_per_text: int = 128,
     return torch.tensor(rows, dtype=torch.long)
 
 
-def reference_ids(tokenizer, num_tokens: int = 512) -> torch.Tensor:
-    """[1, num_tokens] ids: the start of WikiText-2 test, as the dense detector confirms with."""
-    return detect.reference_ids(tokenizer, num_tokens)
+def reference_ids(tokenizer, num_tokens: int = reference.DEFAULT_TOKENS) -> torch.Tensor:
+    """[1, num_tokens] ids: the dense detector's reference text (`sw_lib.reference`)."""
+    return reference.reference_text(tokenizer, num_tokens).ids

@@ -36,8 +36,38 @@ def detection_iterations(detection: dict, path=None):
     return save_figure(fig, path)
 
 
+VERDICT_COLORS = {"super_weight": "crimson", "contributor": "darkorange", "no_effect": "grey"}
+
+
+def _verdict_panel(ax, candidates: list[dict], rule: dict) -> None:
+    """Perplexity ratio of each candidate zeroed alone (95% interval), its control's largest."""
+    y = range(len(candidates))
+    finite = lambda r: min(r, 1e12)  # noqa: E731  (a destroyed model's ratio can be inf)
+    ratios = [finite(c["perplexity_ratio"]) for c in candidates]
+    low = [max(r - finite(c["perplexity_ratio_interval"][0]), 0) for r, c in zip(ratios, candidates)]
+    high = [max(finite(c["perplexity_ratio_interval"][1]) - r, 0) for r, c in zip(ratios, candidates)]
+    ax.errorbar([r - 1 for r in ratios], y, xerr=[low, high], fmt="none", ecolor="black",
+                elinewidth=0.8, capsize=2)
+    ax.scatter([r - 1 for r in ratios], y, s=30, zorder=3,
+               color=[VERDICT_COLORS[c["verdict"]] for c in candidates])
+    controls = [(c["control"]["max_perplexity_ratio"] or 1.0) - 1 for c in candidates]
+    ax.scatter(controls, y, marker="|", s=120, color="royalblue", zorder=4,
+               label="control: largest ratio")
+    ax.axvline(rule["super_ratio"] - 1, color="red", linestyle="--", linewidth=1,
+               label=f"super_ratio {rule['super_ratio']:g}")
+    ax.set_xscale("symlog", linthresh=1e-3)
+    ax.set_yticks(list(y), [weight_label(c) for c in candidates], fontsize=7)
+    ax.invert_yaxis()
+    ax.set_xlabel("perplexity ratio - 1, zeroed alone (reference text)")
+    ax.set_title("verdicts: " + ", ".join(f"{v} ({color})" for v, color in VERDICT_COLORS.items()),
+                 fontsize=9)
+    ax.grid(alpha=0.3, axis="x")
+    ax.legend(fontsize=7, loc="lower right")
+
+
 def super_weight_distribution(detection: dict, path=None):
-    """Left: input vs output spike per layer (first iteration). Right: loss ratio per candidate."""
+    """Left: input vs output spike per layer (first iteration). Right: each candidate's
+    perplexity ratio with its interval, its control's largest, and its verdict."""
     threshold = detection["config"]["spike_threshold"]
     fig, (left, right) = plt.subplots(1, 2, figsize=(13, 4.8))
     first = detection["iterations"][0]["layers"] if detection["iterations"] else []
@@ -56,21 +86,10 @@ def super_weight_distribution(detection: dict, path=None):
     left.grid(alpha=0.3)
 
     candidates = detection["candidates"]
-    if candidates and candidates[0].get("loss_ratio") is not None:
-        ratios = [c["loss_ratio"] for c in candidates]
-        colors = ["crimson" if (c["confirmed"] or c.get("group_confirmed")) else "grey" for c in candidates]
-        right.barh(range(len(candidates)), ratios, color=colors)
-        right.set_yticks(range(len(candidates)), [weight_label(c) for c in candidates], fontsize=7)
-        right.axvline(detection["config"]["confirm_ratio"], color="red", linestyle="--",
-                      linewidth=1, label="confirmation ratio")
-        right.axvline(1.0, color="black", linewidth=0.8)
-        right.set_xlim(min(0.95, min(ratios) - 0.02), max(ratios) * 1.03)
-        right.invert_yaxis()
-        right.set_xlabel("loss ratio when zeroed alone (reference text)")
-        right.set_title("causal confirmation (red: confirmed)")
-        right.legend(fontsize=8)
+    if candidates and detection.get("verdict_rule"):
+        _verdict_panel(right, candidates, detection["verdict_rule"])
     else:
-        right.text(0.5, 0.5, "no candidates" if not candidates else "confirmation disabled",
+        right.text(0.5, 0.5, "no candidates" if not candidates else "no verdicts (confirm off)",
                    ha="center", va="center", transform=right.transAxes)
         right.set_axis_off()
     fig.suptitle(f"{detection['model']}: super weight candidates")
