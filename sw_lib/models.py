@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from . import arch
+from . import ablate, arch
 
 
 class ModelLoadError(RuntimeError):
@@ -154,8 +154,14 @@ def choose_dtype(dtype: str | torch.dtype = "auto", device: torch.device | None 
 # --- fingerprint ---------------------------------------------------------------------------
 
 
-def fingerprint(model: torch.nn.Module) -> str:
-    """blake2b over every parameter's name, shape, dtype and bytes: identifies the weights."""
+def fingerprint(model: torch.nn.Module, mark: bool = False) -> str:
+    """blake2b over every parameter's name, shape, dtype and bytes: identifies the weights.
+
+    mark: also record the tensors' in-place version counters as the fingerprinted state
+    (`ablate.mark_unmodified`), so later writes to the weights are noticed (evaluate/weights.py).
+    """
+    if mark:
+        ablate.mark_unmodified(model)
     h = hashlib.blake2b(digest_size=16)
     for name, tensor in sorted(model.state_dict().items()):
         t = tensor.detach()
@@ -292,7 +298,7 @@ def load_model(spec: str = DEFAULT_MODEL, dtype: str | torch.dtype = "auto", dev
         tokenizer.pad_token = tokenizer.eos_token
     return LoadedModel(model=model, tokenizer=tokenizer, name=spec,
                        source="gguf" if source == "alias" else source, family=family,
-                       fingerprint=fingerprint(model), dtype=torch_dtype,
+                       fingerprint=fingerprint(model, mark=True), dtype=torch_dtype,
                        device=next(model.parameters()).device,
                        load_seconds=time.perf_counter() - start, info=info)
 
@@ -301,7 +307,7 @@ def from_model(model: torch.nn.Module, tokenizer, name: str = "in-memory") -> Lo
     """Wrap a model built in memory (tests, notebooks) in a LoadedModel."""
     model.eval()
     return LoadedModel(model=model, tokenizer=tokenizer, name=name, source="memory",
-                       family=arch.family_of(model), fingerprint=fingerprint(model),
+                       family=arch.family_of(model), fingerprint=fingerprint(model, mark=True),
                        dtype=next(model.parameters()).dtype,
                        device=next(model.parameters()).device, load_seconds=0.0)
 

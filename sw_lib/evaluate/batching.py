@@ -1,0 +1,34 @@
+"""Batches built by length under a token budget, so padding stays small.
+
+Items are sorted longest first (as lm-eval does: the first batch is the largest, so memory
+trouble shows at once) and cut into consecutive batches whose padded size, rows x longest
+row, stays within `token_budget` (a single item longer than the budget gets a batch of its
+own). `max_rows` caps the rows of a batch as well. The order inside a batch never changes a
+per-item result: every row is computed independently of the others.
+"""
+from __future__ import annotations
+
+from typing import Callable, Sequence, TypeVar
+
+T = TypeVar("T")
+
+
+def by_budget(items: Sequence[T], length: Callable[[T], int], token_budget: int,
+              max_rows: int | None = None) -> list[list[T]]:
+    """Consecutive batches of `items` sorted by `length` (longest first) within the budget."""
+    if token_budget < 1:
+        raise ValueError(f"token_budget must be at least 1, got {token_budget}")
+    batches: list[list[T]] = []
+    batch: list[T] = []
+    width = 0
+    for item in sorted(items, key=length, reverse=True):
+        n = length(item)
+        fits = (len(batch) + 1) * max(width, n) <= token_budget
+        if batch and (not fits or (max_rows and len(batch) >= max_rows)):
+            batches.append(batch)
+            batch, width = [], 0
+        batch.append(item)
+        width = max(width, n)
+    if batch:
+        batches.append(batch)
+    return batches
