@@ -35,6 +35,7 @@ FIELDS = {
     "mmlu_shots": "evaluation.mmlu_shots",
     "gsm8k_samples": "evaluation.gsm8k_samples",
     "batch_size": "evaluation.batch_size",
+    "token_budget": "evaluation.token_budget",
     "skip_perplexity": "evaluation.skip_perplexity",
     "skip_accuracy": "evaluation.skip_accuracy",
     "cache_dir": "evaluation.cache_dir",
@@ -98,7 +99,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--mmlu-shots", type=int, metavar="K", help="MMLU few-shot examples (0-5)")
     g.add_argument("--gsm8k-samples", type=_count_or_all, metavar="N",
                    help="GSM8K items (generation is slow), or 'all'")
-    g.add_argument("--batch-size", type=int, metavar="N")
+    g.add_argument("--batch-size", type=int, metavar="N",
+                   help="most items (questions, windows, prompts) per forward pass")
+    g.add_argument("--token-budget", type=int, metavar="N",
+                   help="most padded tokens per forward pass")
     g.add_argument("--skip-perplexity", action="store_true", default=None)
     g.add_argument("--skip-accuracy", action="store_true", default=None)
     g.add_argument("--cache-dir", metavar="DIR", help="evaluation cache folder")

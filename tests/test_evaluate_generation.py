@@ -4,7 +4,7 @@ The reference runs one full forward pass per new token for one prompt at a time 
 lm-eval's stopping rule on its own (an end-of-sequence token, or a stop string in the text
 decoded with special tokens), then cuts the text at the stop strings. Stop strings are taken
 from the models' own outputs so that rows stop at different steps: finished rows leave the
-batch (compaction) while others go on.
+batch and waiting prompts join it while others go on.
 """
 from __future__ import annotations
 
@@ -14,15 +14,16 @@ from conftest import make_tiny
 
 from sw_lib import data
 from sw_lib.evaluate import generation
-from sw_lib.evaluate.tasks import gsm8k_prompt
+from sw_lib.evaluate.tasks import GenRequest, gsm8k_prompt
 
 MAX_NEW = 12
 
 
 @torch.no_grad()
-def reference(lm, prompt: list[int], stops: list[str], max_new: int) -> tuple[str, int]:
+def reference(lm, context: str, until: list[str], max_new: int) -> tuple[str, int]:
     """(text, tokens generated) for one prompt, no cache, no batch."""
-    ids, new = list(prompt), []
+    stops = list(until) + [lm.tokenizer.eos_token]
+    ids, new = lm.tokenizer.encode(context), []
     ends = {lm.model.generation_config.eos_token_id, lm.tokenizer.eos_token_id}
     for _ in range(max_new):
         token = int(lm.model(torch.tensor([ids])).logits[0, -1].float().argmax())
@@ -37,52 +38,52 @@ def reference(lm, prompt: list[int], stops: list[str], max_new: int) -> tuple[st
     return text, len(new)
 
 
-def prompts_of(tokenizer, n: int) -> list[list[int]]:
+def requests_of(n: int) -> list[GenRequest]:
     """0-shot GSM8K prompts of different lengths (some longer than gemma2's 64-token window)."""
-    rows = [row for _, row in data.select_items("gsm8k/test", n).items]
-    return [tokenizer.encode(gsm8k_prompt(row, [])) for row in rows]
+    return [GenRequest(doc_id, gsm8k_prompt(row, []), row["answer"])
+            for doc_id, row in data.select_items("gsm8k/test", n).items]
 
 
-def stops_from_outputs(lm, prompts: list[list[int]]) -> list[str]:
-    """Two stop strings that the model itself produces early in two of the prompts."""
-    first = reference(lm, prompts[0], [], MAX_NEW)[0]
-    second = reference(lm, prompts[3], [], MAX_NEW)[0]
-    return [s for s in (first[4:9], second[10:14]) if s.strip()]
+def stops_from_outputs(lm, requests: list[GenRequest]) -> list[str]:
+    """Stop strings that the model itself produces early in some of the prompts."""
+    outputs = [reference(lm, r.context, [], MAX_NEW)[0] for r in requests[:4]]
+    return [s for s in (outputs[0][4:9], outputs[3][10:14]) if s.strip()]
 
 
-@pytest.mark.parametrize("model_type", ["llama", "gemma2", "gpt2"])
-def test_batched_generation_equals_step_by_step(tokenizer, model_type):
+@pytest.mark.parametrize("model_type, rows", [("llama", 3), ("llama", None), ("gemma2", 3),
+                                              ("gpt2", 2)])
+def test_batched_generation_equals_step_by_step(tokenizer, model_type, rows):
+    """rows=3 with 7 prompts: prompts wait and join as rows finish (gemma2: padded batches)."""
     lm = make_tiny(model_type, tokenizer, seed=11)
-    prompts = prompts_of(tokenizer, 6)
-    stops = stops_from_outputs(lm, prompts)
-    expected = [reference(lm, p, stops, MAX_NEW) for p in prompts]
-    lengths = [n for _, n in expected]
+    requests = requests_of(7)
+    until = stops_from_outputs(lm, requests)
+    expected = {r.doc_id: reference(lm, r.context, until, MAX_NEW) for r in requests}
+    lengths = [n for _, n in expected.values()]
     # The test must exercise rows that stop early, at different steps, beside long ones.
-    assert min(lengths) < MAX_NEW and len(set(lengths)) >= 2, lengths
+    assert min(lengths) < MAX_NEW and len(set(lengths)) >= 3 and max(lengths) == MAX_NEW, lengths
     if model_type == "gemma2":
-        assert max(len(p) for p in prompts) > lm.model.config.sliding_window
-    texts = generation.greedy_batch(lm.model, tokenizer, prompts, stops, MAX_NEW)
-    assert texts == [text for text, _ in expected]
+        longest = max(len(tokenizer.encode(r.context)) for r in requests)
+        assert longest > lm.model.config.sliding_window
+    done = []
+    texts = generation.generate(lm.model, tokenizer, requests, until, MAX_NEW, 10 ** 6, rows,
+                                done.append)
+    assert texts == {doc_id: text for doc_id, (text, _) in expected.items()}
+    assert sum(done) == len(requests)
 
 
-def test_token_budget_batching_changes_no_text(tokenizer):
-    """One prompt per batch, a few per batch, or all at once: the same text per item."""
-    lm = make_tiny("llama", tokenizer, seed=12)
-    rows = data.select_items("gsm8k/test", 5).items
-    requests = [generation.GenRequest(doc_id, gsm8k_prompt(row, []), row["answer"])
-                for doc_id, row in rows]
-    longest = max(len(tokenizer.encode(r.context)) for r in requests) + MAX_NEW
+def test_token_budget_changes_no_text(tokenizer):
+    """Padded batches (a sliding-window family): one prompt per batch, a few, or all at once."""
+    lm = make_tiny("gemma2", tokenizer, seed=12)
+    requests = requests_of(5)
+    longest = max(len(tokenizer.encode(r.context)) for r in requests)
     outputs, batches_seen = [], []
     for budget in (1, 2 * longest, 100 * longest):
         batches = []
-        texts = generation.generate(lm.model, tokenizer, requests, ("Question:",), MAX_NEW,
-                                    budget, on_batch=batches.append)
-        outputs.append(texts)
+        outputs.append(generation.generate(lm.model, tokenizer, requests, ("Question:",), MAX_NEW,
+                                           budget, on_done=batches.append))
         batches_seen.append(batches)
-        assert sum(batches) == len(requests)
     assert outputs[0] == outputs[1] == outputs[2]
     assert (len(batches_seen[0]), len(batches_seen[2])) == (5, 1) and 1 < len(batches_seen[1]) < 5
-    assert set(outputs[0]) == {doc_id for doc_id, _ in rows}
 
 
 def test_buffered_cache_writes_in_place(tokenizer):

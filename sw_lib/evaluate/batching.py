@@ -12,6 +12,12 @@ from typing import Callable, Sequence, TypeVar
 
 T = TypeVar("T")
 
+# Defaults of params/default.yaml `evaluation.batch_size` / `evaluation.token_budget`: on a
+# CPU, forward passes of a few thousand tokens run at the matmul peak already, and larger ones
+# spill the caches; generation decodes up to `batch_size` prompts together.
+DEFAULT_BATCH_SIZE = 32
+DEFAULT_TOKEN_BUDGET = 4096
+
 
 def by_budget(items: Sequence[T], length: Callable[[T], int], token_budget: int,
               max_rows: int | None = None) -> list[list[T]]:

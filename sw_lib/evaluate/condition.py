@@ -15,10 +15,6 @@ from . import cache as cache_mod
 from .prefix import Plan, make_plan
 from .weights import Weights, current
 
-# Default padded tokens per forward pass (params/default.yaml `evaluation.token_budget`).
-DEFAULT_TOKEN_BUDGET = 16384
-
-
 @dataclass
 class Condition:
     """What one evaluation call runs on and where its results live."""

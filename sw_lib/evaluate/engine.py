@@ -14,7 +14,8 @@ from tqdm.auto import tqdm
 
 from .. import ablate, data
 from . import generation, multiple_choice
-from .condition import DEFAULT_TOKEN_BUDGET, open_condition
+from .batching import DEFAULT_BATCH_SIZE, DEFAULT_TOKEN_BUDGET
+from .condition import open_condition
 from .prefix import Plan
 from .stats import summarize
 from .tasks import TaskSpec, fewshot_rows, get_task
@@ -56,7 +57,8 @@ def _compute(lm, spec: TaskSpec, requests: list, batch_size: int, token_budget: 
 
 
 def run_task(lm, task: str | TaskSpec, n_samples: int | None = None, edits=(), cache=None,
-             shots: int | None = None, batch_size: int | None = 64, progress: bool = True,
+             shots: int | None = None, batch_size: int | None = DEFAULT_BATCH_SIZE,
+             progress: bool = True,
              source: str = "bundled", keep_layers: Iterable[int] = (),
              token_budget: int = DEFAULT_TOKEN_BUDGET) -> dict:
     """Evaluate `lm` with `edits` applied on the first `n_samples` items of `task`.

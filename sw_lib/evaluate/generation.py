@@ -25,10 +25,9 @@ import torch
 from torch import nn
 
 from . import forward
-from .batching import by_budget
+from .batching import DEFAULT_BATCH_SIZE, by_budget
 from .prefix import decoder
 from .tasks import GSM8K_EXTRACTORS, GenRequest, normalize_answer
-
 
 def stop_strings(tokenizer, until: Iterable[str]) -> list[str]:
     stops = [s for s in until if s]
@@ -119,84 +118,163 @@ def _next_tokens(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
     return forward.head_logits(model, hidden).float().argmax(dim=-1)
 
 
-def _prefill_rows(model: nn.Module, prompts: list[list[int]], width: int, cache) -> torch.Tensor:
-    """Encode each prompt alone (no padding: the unbatched computation) and copy its keys and
-    values right-aligned into its row of the shared buffers; the last hidden state per row."""
+def _prefill_alone(model: nn.Module, prompt: list[int]):
+    """Encode one prompt alone (the unbatched computation): its last hidden state and the
+    keys and values of every layer."""
     from transformers import DynamicCache
 
     device = next(model.parameters()).device
-    last = []
-    for r, prompt in enumerate(prompts):
-        own = DynamicCache()
-        hidden = decoder(model)(input_ids=torch.tensor([prompt], device=device), cache=own,
-                                use_cache=True).last_hidden_state
-        last.append(hidden[0, -1])
-        for layer, filled in zip(cache.layers, own.layers):
-            if not layer.is_initialized:
-                layer.allocate(filled.keys, filled.values, len(prompts))
-            layer.key_buffer[r, :, width - len(prompt):width] = filled.keys[0]
-            layer.value_buffer[r, :, width - len(prompt):width] = filled.values[0]
-    for layer in cache.layers:
-        layer.length = width
-        layer.views()
-    return torch.stack(last)
+    own = DynamicCache()
+    hidden = decoder(model)(input_ids=torch.tensor([prompt], device=device), cache=own,
+                            use_cache=True).last_hidden_state
+    return hidden[0, -1], [(layer.keys[0], layer.values[0]) for layer in own.layers]
 
 
-def _prefill_padded(model: nn.Module, prompts: list[list[int]], width: int, cache,
-                    mask: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-    """Encode the left-padded prompts in one pass (families whose cache has sliding-window
-    layers, kept by the model's own cache classes); the last hidden state per row."""
-    ids = torch.zeros(len(prompts), width, dtype=torch.long)
-    for r, p in enumerate(prompts):
-        ids[r, width - len(p):] = torch.tensor(p)
-    return decoder(model)(input_ids=ids.to(mask.device), attention_mask=mask,
-                          position_ids=positions, cache=cache,
-                          use_cache=True).last_hidden_state[:, -1]
-
-
-def _finished(tokenizer, tokens: list[int], ends: set[int], stops: list[str]) -> bool:
-    """lm-eval's stopping rule: an end-of-sequence token, or a stop string in the text."""
-    if tokens[-1] in ends:
+def _finished(tokenizer, tokens: list[int], ends: set[int], stops: list[str],
+              max_gen_toks: int) -> bool:
+    """lm-eval's stopping rule: an end-of-sequence token, a stop string in the text (decoded
+    with special tokens, as its stopping criterion reads it), or the token limit."""
+    if tokens[-1] in ends or len(tokens) >= max_gen_toks:
         return True
     text = tokenizer.decode(tokens, skip_special_tokens=False)
     return any(s in text for s in stops)
 
 
-@torch.no_grad()
-def greedy_batch(model: nn.Module, tokenizer, prompts: list[list[int]], stops: list[str],
-                 max_gen_toks: int) -> list[str]:
-    """Greedy continuations of token `prompts` (one batch), cut at the first stop string.
+class _Rows:
+    """The rows decoding together through one key/value cache (full-attention layers only).
 
-    Rows that finish stay in the batch (their tokens ignored) until a quarter of the rows
-    has finished; then the batch and its cache are compacted (one copy instead of one per
-    finished row)."""
+    Each prompt is prefilled alone and its keys and values placed right-aligned at the end of
+    the cache's filled columns; every row has its own position ids, and its attention mask
+    hides the columns before its prompt. A step feeds one token per row. When a quarter of
+    the rows has finished (or none is left), the cache is rebuilt: finished rows and the
+    columns no row still reads are dropped, and the next prompts join, so the batch stays full
+    and a long generation never drags finished rows along.
+    """
+
+    def __init__(self, model, tokenizer, stops, max_gen_toks: int, max_rows: int,
+                 on_done: Callable[[int], None] | None = None):
+        self.model, self.tokenizer, self.stops, self.on_done = model, tokenizer, stops, on_done
+        self.ends = eos_ids(model, tokenizer)
+        self.max_gen_toks, self.max_rows = max_gen_toks, max_rows
+        self.device = next(model.parameters()).device
+        self.cache = new_cache(model, 1)
+        self.rows: list = []  # request key of each batch row, in the cache's order
+        self.first: list[int] = []  # first cache column of each row's prompt
+        self.length = 0  # filled columns
+        self.mask = self.token = self.position = None
+        self.generated: dict = {}
+        self.done: dict = {}
+
+    def run(self, prompts: dict) -> dict:
+        """Generated token ids per key of `prompts` (key -> prompt tokens)."""
+        queue = sorted(prompts, key=lambda k: -len(prompts[k]))  # longest first
+        while queue or self.rows:
+            finished = sum(self.done[r] for r in self.rows)
+            if not self.rows or 4 * finished >= len(self.rows):
+                alive = [j for j, r in enumerate(self.rows) if not self.done[r]]
+                joining = queue[:self.max_rows - len(alive)]
+                queue = queue[len(joining):]
+                self._rebuild(alive, [(k, prompts[k]) for k in joining])
+                if not self.rows:
+                    continue
+            self._step()
+        return self.generated
+
+    def _record(self, key, token: int) -> None:
+        self.generated[key].append(token)
+        self.done[key] = _finished(self.tokenizer, self.generated[key], self.ends, self.stops,
+                                   self.max_gen_toks)
+        if self.done[key] and self.on_done:
+            self.on_done(1)
+
+    def _step(self) -> None:
+        self.mask = torch.cat([self.mask, self.mask.new_ones(len(self.rows), 1)], dim=1)
+        self.position = self.position + 1
+        hidden = decoder(self.model)(input_ids=self.token[:, None], attention_mask=self.mask,
+                                     position_ids=self.position[:, None], cache=self.cache,
+                                     use_cache=True).last_hidden_state[:, -1]
+        self.length += 1
+        self.token = _next_tokens(self.model, hidden)
+        for j, key in enumerate(self.rows):
+            if not self.done[key]:
+                self._record(key, int(self.token[j]))
+
+    def _rebuild(self, keep: list[int], joining: list) -> None:
+        """Rows `keep` (batch indices) stay, the `joining` (key, prompt) pairs are added."""
+        new = []
+        for key, prompt in joining:
+            hidden, kv = _prefill_alone(self.model, prompt)
+            self.generated[key] = []
+            self._record(key, int(_next_tokens(self.model, hidden[None])[0]))
+            if not self.done[key]:  # a prompt whose first token ends it never joins
+                new.append((key, prompt, kv))
+        if not keep and not new:
+            self.rows, self.first = [], []
+            return
+        start = min((self.first[j] for j in keep), default=self.length)
+        kept = self.length - start
+        length = max([kept] + [len(p) for _, p, _ in new])
+        shift = length - self.length  # kept columns move by this much
+        rows = len(keep) + len(new)
+        capacity = length + self.max_gen_toks
+        index = torch.tensor(keep, dtype=torch.long, device=self.device)
+        mask = torch.zeros(rows, length, dtype=torch.long, device=self.device)
+        if keep:
+            mask[:len(keep), length - kept:] = self.mask[index, start:]
+        for i, (_, prompt, _) in enumerate(new):
+            mask[len(keep) + i, length - len(prompt):] = 1
+        for layer_index, layer in enumerate(self.cache.layers):
+            like_k, like_v = (layer.key_buffer, layer.value_buffer) if keep else new[0][2][layer_index]
+            keys = like_k.new_zeros(rows, like_k.shape[-3], capacity, like_k.shape[-1])
+            values = like_v.new_zeros(rows, like_v.shape[-3], capacity, like_v.shape[-1])
+            if keep:
+                keys[:len(keep), :, length - kept:length] = layer.key_buffer[index, :, start:self.length]
+                values[:len(keep), :, length - kept:length] = layer.value_buffer[index, :, start:self.length]
+            for i, (_, prompt, kv) in enumerate(new):
+                keys[len(keep) + i, :, length - len(prompt):length] = kv[layer_index][0]
+                values[len(keep) + i, :, length - len(prompt):length] = kv[layer_index][1]
+            layer.key_buffer, layer.value_buffer, layer.length = keys, values, length
+            layer.is_initialized = True
+            layer.views()
+        as_long = lambda x: torch.tensor(x, dtype=torch.long, device=self.device)  # noqa: E731
+        self.token = torch.cat([self.token[index] if keep else as_long([]),
+                                as_long([self.generated[k][-1] for k, _, _ in new])])
+        self.position = torch.cat([self.position[index] if keep else as_long([]),
+                                   as_long([len(p) - 1 for _, p, _ in new])])
+        self.first = [self.first[j] + shift for j in keep] + [length - len(p) for _, p, _ in new]
+        self.rows = [self.rows[j] for j in keep] + [k for k, _, _ in new]
+        self.mask, self.length = mask, length
+
+
+@torch.no_grad()
+def _padded_batch(model: nn.Module, tokenizer, prompts: list[list[int]], stops: list[str],
+                  max_gen_toks: int) -> list[list[int]]:
+    """Families whose cache has sliding-window layers: the batch is left-padded and prefilled
+    in one pass through the model's own cache classes; finished rows leave the batch."""
     device = next(model.parameters()).device
     ends = eos_ids(model, tokenizer)
     width = max(len(p) for p in prompts)
+    ids = torch.zeros(len(prompts), width, dtype=torch.long)
     mask = torch.zeros(len(prompts), width, dtype=torch.long)
     for r, p in enumerate(prompts):
+        ids[r, width - len(p):] = torch.tensor(p)
         mask[r, width - len(p):] = 1
-    mask = mask.to(device)
-    positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
+    ids, mask = ids.to(device), mask.to(device)
+    position = (mask.cumsum(dim=1) - 1).clamp(min=0)
     cache = new_cache(model, width + max_gen_toks)
-    if _all_buffered(cache):
-        hidden = _prefill_rows(model, prompts, width, cache)
-    else:
-        hidden = _prefill_padded(model, prompts, width, cache, mask, positions)
-    token = _next_tokens(model, hidden)
-    position = positions[:, -1]
+    hidden = decoder(model)(input_ids=ids, attention_mask=mask, position_ids=position,
+                            cache=cache, use_cache=True).last_hidden_state[:, -1]
+    token, position = _next_tokens(model, hidden), position[:, -1]
     generated: list[list[int]] = [[] for _ in prompts]
-    rows = list(range(len(prompts)))  # prompt of each batch row, in the cache's order
-    done = [False] * len(prompts)
-    for step in range(max_gen_toks):
+    rows = list(range(len(prompts)))  # prompt of each batch row
+    while True:
         for j, r in enumerate(rows):
-            if not done[r]:
-                generated[r].append(int(token[j]))
-                done[r] = _finished(tokenizer, generated[r], ends, stops)
-        alive = [j for j, r in enumerate(rows) if not done[r]]
-        if not alive or step + 1 == max_gen_toks:
-            break
-        if 4 * (len(rows) - len(alive)) >= len(rows):  # compact: finished rows leave
+            generated[r].append(int(token[j]))
+        alive = [j for j, r in enumerate(rows)
+                 if not _finished(tokenizer, generated[r], ends, stops, max_gen_toks)]
+        if not alive:
+            return generated
+        if len(alive) < len(rows):
             index = torch.tensor(alive, device=device)
             cache.batch_select_indices(index)
             mask, token, position = mask[index], token[index], position[index]
@@ -207,29 +285,40 @@ def greedy_batch(model: nn.Module, tokenizer, prompts: list[list[int]], stops: l
                                 position_ids=position[:, None], cache=cache,
                                 use_cache=True).last_hidden_state[:, -1]
         token = _next_tokens(model, hidden)
-    return [truncate_at_stops(tokenizer.decode(g, skip_special_tokens=True), stops)
-            for g in generated]
+
+
+@torch.no_grad()
+def generate_tokens(model: nn.Module, tokenizer, prompts: dict, stops: list[str],
+                    max_gen_toks: int, token_budget: int, max_rows: int | None = None,
+                    on_done: Callable[[int], None] | None = None) -> dict:
+    """Greedy token ids after each prompt (key -> prompt tokens), by key."""
+    if _all_buffered(new_cache(model, 1)):
+        rows = max_rows or DEFAULT_BATCH_SIZE
+        return _Rows(model, tokenizer, stops, max_gen_toks, rows, on_done).run(prompts)
+    out = {}
+    for batch in by_budget(list(prompts), lambda k: len(prompts[k]), token_budget, max_rows):
+        for key, tokens in zip(batch, _padded_batch(model, tokenizer, [prompts[k] for k in batch],
+                                                    stops, max_gen_toks)):
+            out[key] = tokens
+        if on_done:
+            on_done(len(batch))
+    return out
 
 
 def generate(model: nn.Module, tokenizer, requests: list[GenRequest], until: Iterable[str],
              max_gen_toks: int, token_budget: int, max_rows: int | None = None,
-             on_batch: Callable[[int], None] | None = None) -> dict[int, str]:
-    """Generated text for every request, by doc_id (batches by prompt length, longest first)."""
+             on_done: Callable[[int], None] | None = None) -> dict[int, str]:
+    """Generated text for every request, by doc_id, cut at the first stop string."""
     stops = stop_strings(tokenizer, until)
     keep = forward.max_length(model) - max_gen_toks
     if keep < 1:
         raise ValueError(f"max_gen_toks={max_gen_toks} leaves no room for a prompt in the model's "
                          f"{forward.max_length(model)}-token window")
     prompts = {r.doc_id: tokenizer.encode(r.context)[-keep:] for r in requests}
-    texts: dict[int, str] = {}
-    for batch in by_budget(list(prompts), lambda d: len(prompts[d]) + max_gen_toks, token_budget,
-                           max_rows):
-        for doc_id, text in zip(batch, greedy_batch(model, tokenizer, [prompts[d] for d in batch],
-                                                    stops, max_gen_toks)):
-            texts[doc_id] = text
-        if on_batch:
-            on_batch(len(batch))
-    return texts
+    tokens = generate_tokens(model, tokenizer, prompts, stops, max_gen_toks, token_budget,
+                             max_rows, on_done)
+    return {doc_id: truncate_at_stops(tokenizer.decode(t, skip_special_tokens=True), stops)
+            for doc_id, t in tokens.items()}
 
 
 def item_result(request: GenRequest, text: str, metrics: Iterable[str]) -> dict:

@@ -22,7 +22,8 @@ from tqdm.auto import tqdm
 from .. import ablate, data
 from . import cache as cache_mod
 from . import forward
-from .condition import DEFAULT_TOKEN_BUDGET, open_condition
+from .batching import DEFAULT_BATCH_SIZE, DEFAULT_TOKEN_BUDGET
+from .condition import open_condition
 from .prefix import Plan, run_decoder
 
 PROTOCOL = {"name": "wikitext-2-raw-v1/test", "convention": "gptq", "joiner": "\n\n",
@@ -74,7 +75,7 @@ def _exp(x: float) -> float:
 
 
 def perplexity(lm, edits=(), seq_len: int = 2048, n_windows: int | None = None,
-               batch_size: int | None = 8, cache=None, progress: bool = True, source: str = "bundled",
+               batch_size: int | None = DEFAULT_BATCH_SIZE, cache=None, progress: bool = True, source: str = "bundled",
                text: str | None = None, keep_layers: Iterable[int] = (),
                token_budget: int = DEFAULT_TOKEN_BUDGET) -> dict:
     """Perplexity of `lm` (with `edits` applied) on WikiText-2 test, or on `text` if given.
