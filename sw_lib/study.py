@@ -113,7 +113,7 @@ class StudySettings:
     mmlu_shots: int = 0
     gsm8k_samples: int | None = 4
     batch_size: int = 32
-    token_budget: int = 4096
+    token_budget: int = 1024
     skip_perplexity: bool = False
     skip_accuracy: bool = False
     progress: bool = True

@@ -12,11 +12,13 @@ from typing import Callable, Sequence, TypeVar
 
 T = TypeVar("T")
 
-# Defaults of params/default.yaml `evaluation.batch_size` / `evaluation.token_budget`: on a
-# CPU, forward passes of a few thousand tokens run at the matmul peak already, and larger ones
-# spill the caches; generation decodes up to `batch_size` prompts together.
+# Defaults of params/default.yaml `evaluation.batch_size` / `evaluation.token_budget`. On a
+# CPU a forward pass of ~1000 tokens already runs near the matmul peak, and larger batches
+# only add padding and spill the caches (HellaSwag, SmolLM2-135M, 1 thread: 1024 tokens per
+# batch ran fastest of 512-16384); on a GPU raise the budget. Generation decodes up to
+# `batch_size` prompts together (each prefilled alone).
 DEFAULT_BATCH_SIZE = 32
-DEFAULT_TOKEN_BUDGET = 4096
+DEFAULT_TOKEN_BUDGET = 1024
 
 
 def by_budget(items: Sequence[T], length: Callable[[T], int], token_budget: int,

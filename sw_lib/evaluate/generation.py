@@ -295,8 +295,11 @@ def generate_tokens(model: nn.Module, tokenizer, prompts: dict, stops: list[str]
     if _all_buffered(new_cache(model, 1)):
         rows = max_rows or DEFAULT_BATCH_SIZE
         return _Rows(model, tokenizer, stops, max_gen_toks, rows, on_done).run(prompts)
+    # Padded prefill holds rows x longest prompt at once: the token budget bounds it (with at
+    # least one row), and batch_size the rows.
     out = {}
-    for batch in by_budget(list(prompts), lambda k: len(prompts[k]), token_budget, max_rows):
+    for batch in by_budget(list(prompts), lambda k: len(prompts[k]), token_budget,
+                           max_rows or DEFAULT_BATCH_SIZE):
         for key, tokens in zip(batch, _padded_batch(model, tokenizer, [prompts[k] for k in batch],
                                                     stops, max_gen_toks)):
             out[key] = tokens
