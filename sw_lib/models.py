@@ -139,11 +139,30 @@ _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.flo
            "fp16": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
 
 
+def cpu_has_bf16_matrix_units() -> bool:
+    """True on CPUs with AMX-BF16 tiles (Intel Sapphire Rapids and later), which multiply
+    bfloat16 matrices several times faster than float32: torch must see AMX tiles, and the
+    kernel's CPU flags (where readable) must list amx_bf16."""
+    amx_tiles = getattr(torch.cpu, "_is_amx_tile_supported", None)
+    if amx_tiles is None or not amx_tiles():
+        return False
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return True  # torch saw the tiles; no flags to check on this system
+    return "amx_bf16" in flags
+
+
 def choose_dtype(dtype: str | torch.dtype = "auto", device: torch.device | None = None) -> torch.dtype:
+    """auto: bfloat16 on a CUDA device that supports it and on a CPU with AMX-BF16 units,
+    else float32. Statistics and log-probabilities are computed in float32 either way."""
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype == "auto":
-        if device is not None and device.type == "cuda" and torch.cuda.is_bf16_supported():
+        device = device or torch.device("cpu")
+        if device.type == "cuda" and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        if device.type == "cpu" and cpu_has_bf16_matrix_units():
             return torch.bfloat16
         return torch.float32
     if dtype not in _DTYPES:
