@@ -183,3 +183,31 @@ def test_edits_made_outside_the_engine_never_poison_the_baseline(lm, tmp_path):
     assert restored["info"]["weights"] == "as loaded"
     # Entries: baseline, zeroed through ablate (shared by 1.), zeroed by hand (its own model).
     assert len(list((tmp_path / "eval").glob("*/arc_easy/*.json"))) == 3
+
+
+def test_ablated_generation_prefills_from_the_edited_layer(tokenizer, tmp_path):
+    """GSM8K: an edit at layer 2 never encodes a prompt through layers 0-1 again (their keys
+    and values come from the baseline), and generates what a from-scratch run generates."""
+    import dataclasses
+
+    from sw_lib.evaluate import TASKS
+
+    lm = make_tiny("llama", tokenizer, seed=10)
+    spec = dataclasses.replace(TASKS["gsm8k"], max_gen_toks=5)
+    cache = EvalCache(tmp_path / "eval")
+    run_task(lm, spec, 3, shots=0, cache=cache, progress=False, keep_layers=[2])
+    edit = [WeightEdit(layer=2, row=4, column=9, scale=-3000.0)]  # strong enough to change text
+
+    prefill_lengths = []  # sequence lengths layer 0 sees (1 = a decoding step)
+    handle = lm.model.model.layers[0].mlp.register_forward_hook(
+        lambda m, args, out: prefill_lengths.append(args[0].shape[1]))
+    reused = cache.states.reused
+    ablated = run_task(lm, spec, 3, shots=0, edits=edit, cache=cache, progress=False)
+    handle.remove()
+    assert cache.states.reused - reused == 3 and set(prefill_lengths) == {1}
+    plain = run_task(lm, spec, 3, shots=0, edits=edit, cache=False, progress=False)
+    assert [it["generation"] for it in ablated["per_item"]] == \
+        [it["generation"] for it in plain["per_item"]]
+    baseline = run_task(lm, spec, 3, shots=0, cache=False, progress=False)
+    assert [it["generation"] for it in baseline["per_item"]] != \
+        [it["generation"] for it in plain["per_item"]]  # the edit did act

@@ -49,7 +49,7 @@ def _compute(lm, spec: TaskSpec, requests: list, batch_size: int, token_budget: 
             return {str(r.doc_id): multiple_choice.item_result(r, sums[r.doc_id], spec.metrics)
                     for r in requests}
         texts = generation.generate(lm.model, lm.tokenizer, requests, spec.until,
-                                    spec.max_gen_toks, token_budget, batch_size, bar.update)
+                                    spec.max_gen_toks, token_budget, batch_size, bar.update, plan)
         return {str(r.doc_id): generation.item_result(r, texts[r.doc_id], spec.metrics)
                 for r in requests}
     finally:
@@ -88,10 +88,9 @@ def run_task(lm, task: str | TaskSpec, n_samples: int | None = None, edits=(), c
         missing = set(missing_ids)
         requests = build_requests(spec, [it for it in selection.items if it[0] in missing],
                                   shots, source)
-        plan = condition.plan if spec.output == "multiple_choice" else None
         with ablate.edited(lm.model, edits):
-            computed = _compute(lm, spec, requests, batch_size, token_budget, plan, progress,
-                                condition.label(spec.name))
+            computed = _compute(lm, spec, requests, batch_size, token_budget, condition.plan,
+                                progress, condition.label(spec.name))
         if store:
             store.store(condition.key, computed)
 

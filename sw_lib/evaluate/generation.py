@@ -7,15 +7,19 @@ decoded without special tokens and cut at the first occurrence of each stop stri
 task's `until` plus the tokenizer's end-of-sequence text).
 
 How this module gets the same text faster:
-- requests are sorted by prompt length and batched under a token budget (rows x (longest
-  prompt + max_gen_toks) cached key/value slots), so left padding stays small;
-- a batch is left-padded and prefilled in one pass, with logits only at the last position;
-  then each step feeds one token per row through the model's key/value cache, whose
-  full-attention layers write into preallocated buffers (the default cache layer concatenates,
-  copying the whole cache at every token);
+- each prompt is prefilled alone (no padding: the unbatched computation), with logits only at
+  its last position; under an ablation it starts at the edited layer from what the baseline
+  kept (prefix.run_prompt);
+- up to `batch_size` prompts decode together, one token per row per step, through a key/value
+  cache whose full-attention layers live in preallocated buffers (the default cache layer
+  concatenates, copying the whole cache at every token); each row has its own positions and
+  attention mask, prompts right-aligned at the end of the filled columns;
 - a row stops as soon as it emits an end-of-sequence token or its text (special tokens kept,
-  as lm-eval's stopping criterion reads it) contains a stop string, and leaves the batch and
-  its cache at once, so a long generation never drags finished rows along.
+  as lm-eval's stopping criterion reads it) contains a stop string; when a quarter of the rows
+  has finished, the batch is rebuilt without them and the next prompts (longest first) join,
+  so a 256-token straggler never drags finished rows along;
+- families whose cache has sliding-window layers decode left-padded batches through the
+  model's own cache classes instead (finished rows leave; no joining).
 """
 from __future__ import annotations
 
@@ -26,8 +30,9 @@ from torch import nn
 
 from . import forward
 from .batching import DEFAULT_BATCH_SIZE, by_budget
-from .prefix import decoder
+from .prefix import Plan, decoder, run_prompt
 from .tasks import GSM8K_EXTRACTORS, GenRequest, normalize_answer
+
 
 def stop_strings(tokenizer, until: Iterable[str]) -> list[str]:
     stops = [s for s in until if s]
@@ -118,15 +123,14 @@ def _next_tokens(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
     return forward.head_logits(model, hidden).float().argmax(dim=-1)
 
 
-def _prefill_alone(model: nn.Module, prompt: list[int]):
+def _prefill_alone(model: nn.Module, prompt: list[int], plan: Plan | None = None):
     """Encode one prompt alone (the unbatched computation): its last hidden state and the
-    keys and values of every layer."""
+    keys and values of every layer (`plan`: start at the edited layer, prefix.run_prompt)."""
     from transformers import DynamicCache
 
     device = next(model.parameters()).device
     own = DynamicCache()
-    hidden = decoder(model)(input_ids=torch.tensor([prompt], device=device), cache=own,
-                            use_cache=True).last_hidden_state
+    hidden = run_prompt(model, plan, torch.tensor([prompt], device=device), own)
     return hidden[0, -1], [(layer.keys[0], layer.values[0]) for layer in own.layers]
 
 
@@ -152,8 +156,9 @@ class _Rows:
     """
 
     def __init__(self, model, tokenizer, stops, max_gen_toks: int, max_rows: int,
-                 on_done: Callable[[int], None] | None = None):
+                 on_done: Callable[[int], None] | None = None, plan: Plan | None = None):
         self.model, self.tokenizer, self.stops, self.on_done = model, tokenizer, stops, on_done
+        self.plan = plan
         self.ends = eos_ids(model, tokenizer)
         self.max_gen_toks, self.max_rows = max_gen_toks, max_rows
         self.device = next(model.parameters()).device
@@ -203,7 +208,7 @@ class _Rows:
         """Rows `keep` (batch indices) stay, the `joining` (key, prompt) pairs are added."""
         new = []
         for key, prompt in joining:
-            hidden, kv = _prefill_alone(self.model, prompt)
+            hidden, kv = _prefill_alone(self.model, prompt, self.plan)
             self.generated[key] = []
             self._record(key, int(_next_tokens(self.model, hidden[None])[0]))
             if not self.done[key]:  # a prompt whose first token ends it never joins
@@ -290,11 +295,13 @@ def _padded_batch(model: nn.Module, tokenizer, prompts: list[list[int]], stops: 
 @torch.no_grad()
 def generate_tokens(model: nn.Module, tokenizer, prompts: dict, stops: list[str],
                     max_gen_toks: int, token_budget: int, max_rows: int | None = None,
-                    on_done: Callable[[int], None] | None = None) -> dict:
-    """Greedy token ids after each prompt (key -> prompt tokens), by key."""
+                    on_done: Callable[[int], None] | None = None,
+                    plan: Plan | None = None) -> dict:
+    """Greedy token ids after each prompt (key -> prompt tokens), by key. `plan`: prompts
+    seen by an earlier condition start at the edited layer (prefix.run_prompt)."""
     if _all_buffered(new_cache(model, 1)):
         rows = max_rows or DEFAULT_BATCH_SIZE
-        return _Rows(model, tokenizer, stops, max_gen_toks, rows, on_done).run(prompts)
+        return _Rows(model, tokenizer, stops, max_gen_toks, rows, on_done, plan).run(prompts)
     # Padded prefill holds rows x longest prompt at once: the token budget bounds it (with at
     # least one row), and batch_size the rows.
     out = {}
@@ -310,7 +317,8 @@ def generate_tokens(model: nn.Module, tokenizer, prompts: dict, stops: list[str]
 
 def generate(model: nn.Module, tokenizer, requests: list[GenRequest], until: Iterable[str],
              max_gen_toks: int, token_budget: int, max_rows: int | None = None,
-             on_done: Callable[[int], None] | None = None) -> dict[int, str]:
+             on_done: Callable[[int], None] | None = None,
+             plan: Plan | None = None) -> dict[int, str]:
     """Generated text for every request, by doc_id, cut at the first stop string."""
     stops = stop_strings(tokenizer, until)
     keep = forward.max_length(model) - max_gen_toks
@@ -319,7 +327,7 @@ def generate(model: nn.Module, tokenizer, requests: list[GenRequest], until: Ite
                          f"{forward.max_length(model)}-token window")
     prompts = {r.doc_id: tokenizer.encode(r.context)[-keep:] for r in requests}
     tokens = generate_tokens(model, tokenizer, prompts, stops, max_gen_toks, token_budget,
-                             max_rows, on_done)
+                             max_rows, on_done, plan)
     return {doc_id: truncate_at_stops(tokenizer.decode(t, skip_special_tokens=True), stops)
             for doc_id, t in tokens.items()}
 

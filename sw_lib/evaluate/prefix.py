@@ -106,6 +106,33 @@ def batch_digest(inputs: dict) -> str:
     return h.hexdigest()
 
 
+def run_prompt(model: nn.Module, plan: Plan | None, input_ids: torch.Tensor, cache) -> torch.Tensor:
+    """The last hidden states of one prompt encoded into `cache` (an empty key/value cache).
+
+    For generation the layers below an edit must also leave their keys and values in the
+    cache (later tokens attend to them), so a kept entry is (the input of layer L, the keys and
+    values of layers 0..L-1); a reusing pass writes those into the cache in place of running
+    the layers."""
+    base = decoder(model)
+    if plan is None:
+        return base(input_ids=input_ids, cache=cache, use_cache=True).last_hidden_state
+    digest = "prompt:" + batch_digest({"input_ids": input_ids})
+    if plan.start:
+        kept = plan.states.get((plan.fingerprint, digest, plan.start))
+        if kept is not None:
+            state, kv = kept
+            plan.states.reused += 1
+            fill = lambda i: cache.update(kv[i][0], kv[i][1], i)  # noqa: E731
+            with prefix.starting_at(model, plan.start, state, on_skip=fill):
+                return base(input_ids=input_ids, cache=cache, use_cache=True).last_hidden_state
+    with prefix.recording_inputs(model, plan.record) as captured:
+        hidden = base(input_ids=input_ids, cache=cache, use_cache=True).last_hidden_state
+    for layer, state in captured.items():
+        kv = [(cache.layers[i].keys, cache.layers[i].values) for i in range(layer)]
+        plan.states.put((plan.fingerprint, digest, layer), (state, kv))
+    return hidden
+
+
 def run_decoder(model: nn.Module, plan: Plan | None, **inputs) -> torch.Tensor:
     """The decoder's last hidden states, reusing / recording layer inputs as `plan` says."""
     base = decoder(model)
