@@ -94,7 +94,7 @@ def _check_bounds(matrix: torch.Tensor, e: WeightEdit) -> None:
 
 @dataclass
 class _Block:
-    edits: list[WeightEdit]
+    edits: list[WeightEdit] | None  # None: a change no WeightEdit describes (skipped experts)
     versions: dict[int, list[int]]  # id(tensor) -> [version before the edits, version after]
 
 
@@ -125,7 +125,7 @@ def outside_edits(model: nn.Module) -> list[WeightEdit] | None:
     """The edits of the `edited` blocks active around the caller, when they explain every
     in-place change since `mark_unmodified`; None when a weight changed some other way."""
     ledger = model.__dict__.get("_sw_ledger")
-    if ledger is None:
+    if ledger is None or any(block.edits is None for block in ledger.blocks):
         return None
     for t in _tensors(model):
         expected = ledger.clean.get(id(t))
@@ -143,10 +143,10 @@ def outside_edits(model: nn.Module) -> list[WeightEdit] | None:
 def active_edits(model: nn.Module) -> list[WeightEdit]:
     """The edits of every `edited` block active now, outermost first."""
     ledger = model.__dict__.get("_sw_ledger")
-    return [e for block in ledger.blocks for e in block.edits] if ledger else []
+    return [e for block in ledger.blocks for e in block.edits or []] if ledger else []
 
 
-def _enter(model: nn.Module, edits: list[WeightEdit], before: dict[int, int],
+def _enter(model: nn.Module, edits: list[WeightEdit] | None, before: dict[int, int],
            matrices: dict[int, torch.Tensor]) -> _Block | None:
     ledger = model.__dict__.get("_sw_ledger")
     if ledger is None:
@@ -223,6 +223,9 @@ def experts_skipped(model: nn.Module, experts: Iterable) -> Iterator[None]:
     expert ({"shared": True}) has its dense down projection zeroed.
     """
     saved = []
+    matrices: dict[int, torch.Tensor] = {}
+    before: dict[int, int] = {}
+    block = None
     try:
         with torch.no_grad():
             for e in experts:
@@ -231,10 +234,17 @@ def experts_skipped(model: nn.Module, experts: Iterable) -> Iterator[None]:
                 # The [row, column] matrix of an expert (or of the shared expert) is a view:
                 # zeroing it zeroes the slice inside the fused tensor.
                 matrix = arch.weight_matrix(model, layer, expert, shared)
+                base = _base(matrix)
+                matrices.setdefault(id(base), base)
+                before.setdefault(id(base), base._version)
                 saved.append((matrix, matrix.clone()))
                 matrix.zero_()
+        # In the ledger as a change no WeightEdit describes: evaluations inside re-fingerprint.
+        block = _enter(model, None, before, matrices)
         yield
     finally:
+        at_exit = {k: t._version for k, t in matrices.items()}
         with torch.no_grad():
             for matrix, original in reversed(saved):
                 matrix.copy_(original)
+        _leave(model, block, matrices, at_exit)

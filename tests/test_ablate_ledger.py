@@ -44,3 +44,17 @@ def test_a_model_never_marked_is_unknown(tokenizer):
     lm = make_tiny("llama", tokenizer, seed=14)
     del lm.model.__dict__["_sw_ledger"]
     assert ablate.outside_edits(lm.model) is None
+
+
+def test_skipped_experts_are_unexplained_inside_and_forgotten_after(tokenizer):
+    """Zeroed experts are no WeightEdit: inside the block the weights are unknown (an
+    evaluation re-fingerprints them); the bit-exact restore makes them known again."""
+    from sw_lib import tiny
+
+    model = tiny.tiny_model("qwen3_moe", vocab_size=len(tokenizer), seed=3)
+    ablate.mark_unmodified(model)
+    with ablate.experts_skipped(model, [(1, 2)]):
+        assert ablate.outside_edits(model) is None
+        with ablate.zeroed(model, [(0, 1, 2, 3)]):
+            assert ablate.outside_edits(model) is None
+    assert ablate.outside_edits(model) == []
