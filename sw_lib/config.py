@@ -244,6 +244,7 @@ RULES: dict[str, Callable[[Any], Any]] = {
     "evaluation.mmlu_shots": _int(0, 5),
     "evaluation.gsm8k_samples": _int(1, nullable=True),
     "evaluation.batch_size": _int(1),
+    "evaluation.token_budget": _int(1),
     "evaluation.cache_dir": _string(nullable=True),
     "moe.router_analysis_samples": _int(1),
     "moe.p_active_floor": _number(0.0, 1.0),

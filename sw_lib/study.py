@@ -141,7 +141,8 @@ class StudySettings:
     accuracy_tasks: tuple[str, ...] = ("hellaswag", "arc_easy", "mmlu", "gsm8k")
     mmlu_shots: int = 0
     gsm8k_samples: int | None = 4
-    batch_size: int = 8
+    batch_size: int = 32
+    token_budget: int = 1024
     skip_perplexity: bool = False
     skip_accuracy: bool = False
     progress: bool = True
@@ -207,12 +208,12 @@ def evaluate_condition(lm, edits: Iterable[WeightEdit], settings: StudySettings,
         condition.perplexity = evaluate.perplexity(
             lm, edits=edits, seq_len=settings.seq_len, n_windows=settings.perplexity_samples,
             batch_size=settings.batch_size, cache=cache, progress=settings.progress,
-            keep_layers=keep_layers)
+            keep_layers=keep_layers, token_budget=settings.token_budget)
     for task in settings.tasks():
         condition.tasks[task] = evaluate.run_task(
             lm, task, n_samples=settings.samples_for(task), edits=edits, cache=cache,
             shots=settings.shots_for(task), batch_size=settings.batch_size,
-            progress=settings.progress, keep_layers=keep_layers)
+            progress=settings.progress, keep_layers=keep_layers, token_budget=settings.token_budget)
     condition.seconds = time.perf_counter() - start
     return condition
 

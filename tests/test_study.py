@@ -295,7 +295,7 @@ def test_individual_and_combined_equal_brute_force_zeroing(planted, tmp_path):
     before = weights_snapshot(planted.model)
     settings = study.StudySettings(**SETTINGS)
     cache = EvalCache(tmp_path / "eval")
-    reused = prefix.STORE.reused
+    reused = cache.states.reused
     # As the notebooks do: the baseline keeps the edited layers' inputs (layers 1 and 2).
     baseline = study.evaluate_condition(planted, [], settings, cache, keep_layers={1, 2})
     individual = study.individual_ablation(planted, PLANTED, settings, cache=cache,
@@ -303,7 +303,7 @@ def test_individual_and_combined_equal_brute_force_zeroing(planted, tmp_path):
     combined = study.combined_ablation(planted, PLANTED, settings, cache=cache, baseline=baseline)
     # Every ablated batch (4 conditions x 1 perplexity batch + 1 arc_easy batch) started at its
     # edited layer, and the results below still equal brute-force zeroing.
-    assert prefix.STORE.reused - reused == 4 * 2
+    assert cache.states.reused - reused == 4 * 2
 
     # The baseline was evaluated once: 4 conditions, every item computed, nothing looked up twice.
     per_condition = settings.perplexity_samples + settings.accuracy_samples

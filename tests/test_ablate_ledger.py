@@ -1,0 +1,60 @@
+"""The weights' ledger: which changes since the fingerprint the active edit blocks explain."""
+from __future__ import annotations
+
+import torch
+from conftest import make_tiny
+
+from sw_lib import ablate
+from sw_lib.ablate import WeightEdit
+
+
+def test_nested_blocks_explain_their_edits_and_nothing_else(tokenizer):
+    lm = make_tiny("llama", tokenizer, seed=14)
+    model = lm.model
+    a, b = WeightEdit(1, 3, 5), WeightEdit(1, 4, 6, scale=2.0)
+    assert ablate.outside_edits(model) == []
+    with ablate.edited(model, [a]):
+        assert ablate.outside_edits(model) == [a]
+        with ablate.edited(model, [b]):  # the same matrix again, nested
+            assert ablate.outside_edits(model) == [a, b]
+        assert ablate.outside_edits(model) == [a]
+    assert ablate.outside_edits(model) == []  # restored: the fingerprinted weights again
+
+    matrix = model.model.layers[2].mlp.down_proj.weight
+    with ablate.edited(model, [a]):
+        with torch.no_grad():
+            matrix[0, 0] += 1.0  # a write no block explains
+        assert ablate.outside_edits(model) is None
+        with torch.no_grad():
+            matrix[0, 0] -= 1.0
+    assert ablate.outside_edits(model) is None  # still unexplained until re-marked
+    ablate.mark_unmodified(model)
+    assert ablate.outside_edits(model) == []
+
+    # A raw write inside a block to the block's own matrix is not explained by the block.
+    edited_matrix = model.model.layers[1].mlp.down_proj.weight
+    with ablate.edited(model, [a]):
+        with torch.no_grad():
+            edited_matrix[7, 7] = 3.0
+        assert ablate.outside_edits(model) is None
+    assert ablate.outside_edits(model) is None
+
+
+def test_a_model_never_marked_is_unknown(tokenizer):
+    lm = make_tiny("llama", tokenizer, seed=14)
+    del lm.model.__dict__["_sw_ledger"]
+    assert ablate.outside_edits(lm.model) is None
+
+
+def test_skipped_experts_are_unexplained_inside_and_forgotten_after(tokenizer):
+    """Zeroed experts are no WeightEdit: inside the block the weights are unknown (an
+    evaluation re-fingerprints them); the bit-exact restore makes them known again."""
+    from sw_lib import tiny
+
+    model = tiny.tiny_model("qwen3_moe", vocab_size=len(tokenizer), seed=3)
+    ablate.mark_unmodified(model)
+    with ablate.experts_skipped(model, [(1, 2)]):
+        assert ablate.outside_edits(model) is None
+        with ablate.zeroed(model, [(0, 1, 2, 3)]):
+            assert ablate.outside_edits(model) is None
+    assert ablate.outside_edits(model) == []
