@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from . import ablate, arch, catalog, hooks, reference, verdict
+from . import ablate, arch, catalog, edits, hooks, reference, verdict
 
 DEFAULT_PROMPT = "Apple Inc. is a worldwide tech company."
 DEFAULT_THRESHOLD = 50.0
@@ -224,7 +224,7 @@ def judge_candidates(model, candidates: list[dict], groups: list[dict],
     multi = [(g, _members(candidates, g)) for g in groups if len(g["rows"]) > 1]
     for g, members in multi:
         controls = {cond: d for i in members for d, cond in cases[i].controls}
-        cases.append(verdict.Case(reference.Condition.zeroing([candidates[i] for i in members]),
+        cases.append(verdict.Case(edits.EditSet.zeroing([candidates[i] for i in members]),
                                   [(d, cond) for cond, d in controls.items()]))
     layers = {case.condition.first_layer for case in cases}
     meter = reference.Meter(model, ref.ids, layers)

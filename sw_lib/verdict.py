@@ -1,7 +1,7 @@
 """Verdicts: does a condition matter more than zeroing ordinary weights does?
 
 A condition (a weight zeroed alone, a (layer, column) group zeroed together, an expert skipped:
-`reference.Condition`) is measured on the reference text (`sw_lib.reference`):
+`edits.EditSet`) is measured on the reference text (`sw_lib.reference`):
 
 - its effect e = mean over the reference's predicted tokens of NLL(condition) - NLL(unchanged),
   in nats, in float32; `perplexity_ratio` = exp(e) (the reference text's perplexity ratio);
@@ -41,7 +41,8 @@ from tqdm.auto import tqdm
 from . import arch
 from .ablate import weight_label
 from .evaluate.stats import bootstrap_interval
-from .reference import Condition, Meter
+from .edits import EditSet
+from .reference import Meter
 
 VERDICTS = ("super_weight", "contributor", "no_effect")
 DEFAULT_SUPER_RATIO = 2.0
@@ -136,8 +137,8 @@ def control_summary(controls: Sequence[dict]) -> dict:
 class Case:
     """One condition to judge, and its controls as (description, condition) pairs."""
 
-    condition: Condition
-    controls: list[tuple[dict, Condition]]
+    condition: EditSet
+    controls: list[tuple[dict, EditSet]]
 
 
 def _measure(meter: Meter, conditions, measured: dict, desc: str, progress: bool) -> None:
@@ -157,7 +158,7 @@ def judge(meter: Meter, cases: Sequence[Case], rule: VerdictRule = VerdictRule()
     its controls are measured only when another case needs them; its `control` then says
     `measured: false` and n = 0.
     """
-    measured: dict[Condition, torch.Tensor] = {}
+    measured: dict[EditSet, torch.Tensor] = {}
     _measure(meter, [c.condition for c in cases], measured, "measuring candidates", progress)
     effects = [effect_of(measured[c.condition], rule) for c in cases]
     needed = [c for c, e in zip(cases, effects) if e["effect_interval"][0] > 0]
@@ -234,8 +235,8 @@ def weight_cases(model: torch.nn.Module, weights: Sequence[dict], largest: int, 
                  seed: int = 0) -> list[Case]:
     """A case per weight: zeroed alone, against its control weights zeroed alone."""
     controls = weight_controls(model, weights, largest, randoms, seed)
-    return [Case(Condition.zeroing([w]),
-                 [(c, Condition.zeroing([c])) for c in cs]) for w, cs in zip(weights, controls)]
+    return [Case(EditSet.zeroing([w]),
+                 [(c, EditSet.zeroing([c])) for c in cs]) for w, cs in zip(weights, controls)]
 
 
 # --- what the notebooks show and ablate ------------------------------------------------------

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from conftest import make_tiny
 
-from sw_lib import ablate
+from sw_lib import ablate, arch
 from sw_lib.ablate import WeightEdit
 
 
@@ -46,15 +46,22 @@ def test_a_model_never_marked_is_unknown(tokenizer):
     assert ablate.outside_edits(lm.model) is None
 
 
-def test_skipped_experts_are_unexplained_inside_and_forgotten_after(tokenizer):
-    """Zeroed experts are no WeightEdit: inside the block the weights are unknown (an
-    evaluation re-fingerprints them); the bit-exact restore makes them known again."""
-    from sw_lib import tiny
+def test_skipped_experts_are_described_inside_and_forgotten_after(tokenizer):
+    """A skipped expert is an edit like a weight edit: inside the block the ledger explains the
+    zeroed slice by it (an evaluation keys its results by it); the bit-exact restore makes the
+    weights known again."""
+    from sw_lib import edits, tiny
 
     model = tiny.tiny_model("qwen3_moe", vocab_size=len(tokenizer), seed=3)
     ablate.mark_unmodified(model)
     with ablate.experts_skipped(model, [(1, 2)]):
-        assert ablate.outside_edits(model) is None
+        assert ablate.outside_edits(model) == [edits.ExpertSkip(1, 2)]
         with ablate.zeroed(model, [(0, 1, 2, 3)]):
-            assert ablate.outside_edits(model) is None
-    assert ablate.outside_edits(model) == []
+            assert ablate.outside_edits(model) == [edits.ExpertSkip(1, 2),
+                                                   edits.WeightEdit(0, 1, 2, 3)]
+        with torch.no_grad():  # a raw write inside the block stays unexplained
+            arch.experts(model, 1).down_proj[3, 0, 0] += 1.0
+        assert ablate.outside_edits(model) is None
+        with torch.no_grad():
+            arch.experts(model, 1).down_proj[3, 0, 0] -= 1.0
+    assert ablate.outside_edits(model) is None  # the raw writes were not undone by the block

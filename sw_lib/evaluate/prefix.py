@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from .. import prefix
+from ..edits import first_layer
 
 DEFAULT_BUDGET = 2 << 30  # bytes of hidden states kept per store
 
@@ -79,8 +80,7 @@ def make_plan(states: LayerStates | None, fingerprint: str, edits: Iterable,
     """The plan of a condition with `edits` (None when there is no store or nothing to do)."""
     if states is None:
         return None
-    layers = [e.layer for e in edits]
-    start = min(layers) if layers else None
+    start = first_layer(edits)
     record = set(int(x) for x in keep_layers) | ({start} if start else set())
     # Below the lowest edit only: higher layers' inputs already carry the edits' effects.
     record = tuple(sorted(x for x in record if x >= 1 and (start is None or x <= start)))
