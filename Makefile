@@ -12,7 +12,7 @@ FIND_LINKS = $(if $(wildcard /opt/wheels),--find-links /opt/wheels,)
 PARAMS ?= params/default.yaml
 ARGS   ?=
 
-.PHONY: setup analyze test test-fast lab benchmarks clean-results lock
+.PHONY: setup analyze test test-fast lint lab benchmarks clean-results lock
 
 setup: $(STAMP)
 
@@ -31,8 +31,12 @@ analyze: setup
 	$(BIN)/sw-analyze --params $(PARAMS) $(ARGS)
 
 # --durations: the slowest tests, so a test that grew slow is seen
-test: setup
+test: setup lint
 	$(BIN)/python -m pytest -q --durations=15 $(ARGS)
+
+# ruff, configured in pyproject.toml (part of `make test`, so CI runs it)
+lint: setup
+	$(BIN)/ruff check .
 
 test-fast: setup
 	$(BIN)/python -m pytest -q -m "not slow" --durations=10 $(ARGS)

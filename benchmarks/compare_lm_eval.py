@@ -230,7 +230,8 @@ def main() -> None:
             ours = run_task(lm, task, n, cache=False, progress=False)
             ours_seconds = time.perf_counter() - start
             picked = [row for _, row in selection.items]
-            name = write_gsm8k_task(folder, picked) if task == "gsm8k" else write_mc_task(folder, task, picked)
+            name = (write_gsm8k_task(folder, picked) if task == "gsm8k"
+                    else write_mc_task(folder, task, picked))
             samples, theirs_seconds = lm_eval_run(lm, folder, name, args.batch_size, shots)
             row = (compare_gsm8k(ours, samples, requests) if task == "gsm8k"
                    else compare_mc(task, ours, samples, requests))

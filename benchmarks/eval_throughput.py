@@ -36,6 +36,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import flops  # noqa: E402
+
 from sw_lib.evaluate import TASKS  # noqa: E402
 
 # SmolLM2-135M-Instruct's super weight (largest down_proj input/output spike, layer 11;

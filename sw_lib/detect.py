@@ -222,7 +222,7 @@ def judge_candidates(model, candidates: list[dict], groups: list[dict],
     place. Returns what the JSON says about the reference text."""
     cases = verdict.weight_cases(model, candidates, control_largest, control_random, rule.seed)
     multi = [(g, _members(candidates, g)) for g in groups if len(g["rows"]) > 1]
-    for g, members in multi:
+    for _, members in multi:
         controls = {cond: d for i in members for d, cond in cases[i].controls}
         cases.append(verdict.Case(edits.EditSet.zeroing([candidates[i] for i in members]),
                                   [(d, cond) for cond, d in controls.items()]))

@@ -40,8 +40,8 @@ from tqdm.auto import tqdm
 
 from . import arch
 from .ablate import weight_label
-from .evaluate.stats import bootstrap_interval
 from .edits import EditSet
+from .evaluate.stats import bootstrap_interval
 from .reference import Meter
 
 VERDICTS = ("super_weight", "contributor", "no_effect")

@@ -2,10 +2,11 @@
 from __future__ import annotations
 
 import torch
-from conftest import make_tiny
 
 from sw_lib import ablate, arch
 from sw_lib.ablate import WeightEdit
+
+from conftest import make_tiny
 
 
 def test_nested_blocks_explain_their_edits_and_nothing_else(tokenizer):

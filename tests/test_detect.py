@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from sw_lib import arch, detect, prefix, reference, tiny
+
 from conftest import assert_bit_identical, make_tiny, weights_snapshot
 
 # Verdicts on a short reference with a small control: enough to exercise (and restore) them.

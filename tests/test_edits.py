@@ -3,9 +3,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import assert_bit_identical, weights_snapshot
 
 from sw_lib import ablate, arch, edits, tiny
+
+from conftest import assert_bit_identical, weights_snapshot
 
 
 @pytest.fixture

@@ -6,13 +6,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import make_tiny
 
 from sw_lib import data
 from sw_lib.evaluate import TASKS, forward, multiple_choice
 from sw_lib.evaluate.batching import by_budget
 from sw_lib.evaluate.engine import build_requests
 from sw_lib.evaluate.prefix import decoder
+
+from conftest import make_tiny
 
 
 def test_by_budget_sorts_longest_first_and_respects_the_budget():

@@ -2,10 +2,11 @@
 from __future__ import annotations
 
 import pytest
-from conftest import assert_bit_identical, make_tiny, weights_snapshot
 
 from sw_lib.ablate import WeightEdit
 from sw_lib.evaluate import EvalCache, perplexity, run_task
+
+from conftest import assert_bit_identical, make_tiny, weights_snapshot
 
 TEXT = " ".join(f"Sentence number {i} talks about super weights in language models." for i in range(12))
 

@@ -5,10 +5,11 @@ import copy
 
 import pytest
 import torch
-from conftest import make_tiny
 
 from sw_lib import models
 from sw_lib.evaluate import perplexity, run_task
+
+from conftest import make_tiny
 
 TEXT = " ".join(f"Sentence number {i} talks about super weights in language models." for i in range(12))
 

@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import make_tiny
 
 from sw_lib import data
 from sw_lib.evaluate import generation
 from sw_lib.evaluate.tasks import GenRequest, gsm8k_prompt
+
+from conftest import make_tiny
 
 MAX_NEW = 12
 

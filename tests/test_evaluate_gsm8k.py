@@ -6,11 +6,12 @@ import random
 
 import pytest
 import torch
-from conftest import make_tiny
 
 from sw_lib import data
 from sw_lib.evaluate import TASKS, run_task
 from sw_lib.evaluate.tasks import extract_flexible, extract_strict, gsm8k_prompt, normalize_answer
+
+from conftest import make_tiny
 
 STOPS = ("Question:", "</s>", "<|im_end|>")
 

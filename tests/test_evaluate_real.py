@@ -5,8 +5,7 @@ import pytest
 import torch
 
 from sw_lib.ablate import WeightEdit
-from sw_lib.evaluate import perplexity, run_task
-from sw_lib.evaluate import forward
+from sw_lib.evaluate import forward, perplexity, run_task
 
 SUPER_WEIGHT = WeightEdit(layer=11, row=507, column=1229)  # largest spike pair of SmolLM2-135M
 

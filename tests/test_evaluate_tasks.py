@@ -9,7 +9,12 @@ import pytest
 from sw_lib import data
 from sw_lib.evaluate import TASKS, UnknownTaskError, get_task, mean_stderr, run_task
 from sw_lib.evaluate.tasks import (
-    INVALID, extract_flexible, extract_strict, gsm8k_prompt, hellaswag_preprocess, mmlu_prompt,
+    INVALID,
+    extract_flexible,
+    extract_strict,
+    gsm8k_prompt,
+    hellaswag_preprocess,
+    mmlu_prompt,
     normalize_answer,
 )
 
@@ -46,7 +51,7 @@ def test_mmlu_k_shot_uses_the_first_dev_rows_of_the_same_subject():
     sel = data.select_items("mmlu/test", 3)  # abstract_algebra, anatomy, astronomy
     dev = data.load_split("mmlu/dev")
     requests = build_requests(TASKS["mmlu"], sel.items, shots=2)
-    for (doc_id, row), request in zip(sel.items, requests):
+    for (_, row), request in zip(sel.items, requests):
         shots = [r for r in dev if r["subject"] == row["subject"]][:2]
         assert request.context == mmlu_prompt(row, shots)
         assert shots[0]["question"].strip() in request.context

@@ -8,11 +8,12 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest import assert_bit_identical, weights_snapshot
 
 from sw_lib import study
 from sw_lib.ablate import WeightEdit
-from sw_lib.evaluate import prefix, stats
+from sw_lib.evaluate import stats
+
+from conftest import assert_bit_identical, weights_snapshot
 
 # --- severity ------------------------------------------------------------------------------
 

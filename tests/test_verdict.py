@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from sw_lib import ablate, arch, detect, edits, models, reference, tiny, verdict
+
 from conftest import assert_bit_identical, weights_snapshot
 
 PROMPT = "Apple Inc. is a worldwide tech company."

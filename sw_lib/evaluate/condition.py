@@ -15,6 +15,7 @@ from . import cache as cache_mod
 from .prefix import Plan, make_plan
 from .weights import Weights, current
 
+
 @dataclass
 class Condition:
     """What one evaluation call runs on and where its results live."""

@@ -20,6 +20,7 @@ from .prefix import Plan
 from .stats import summarize
 from .tasks import TaskSpec, fewshot_rows, get_task
 
+
 def _check_shots(spec: TaskSpec, shots: int | None) -> int:
     shots = spec.default_shots if shots is None else int(shots)
     if shots < 0:

@@ -183,10 +183,10 @@ def _check(model: nn.Module, attribute: str, cached: int, what: str) -> bool:
         ok = bool(torch.allclose(fast, reference, atol=_tolerance(dtype), rtol=0))
         if not ok:
             warnings.warn(f"{what} of {type(model).__name__} does not match its plain forward; "
-                          "evaluating without it (exact, slower)")
+                          "evaluating without it (exact, slower)", stacklevel=2)
     except Exception as err:  # a family whose base model refuses 4-D masks, position ids or caches
         warnings.warn(f"{what} unavailable for {type(model).__name__} ({err}); "
-                      "evaluating without it")
+                      "evaluating without it", stacklevel=2)
         ok = False
     setattr(model, attribute, ok)
     return ok

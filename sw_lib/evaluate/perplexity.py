@@ -94,8 +94,8 @@ def _exp(x: float) -> float:
 
 
 def perplexity(lm, edits=(), seq_len: int = 2048, n_windows: int | None = None,
-               batch_size: int | None = DEFAULT_BATCH_SIZE, cache=None, progress: bool = True, source: str = "bundled",
-               text: str | None = None, keep_layers: Iterable[int] = (),
+               batch_size: int | None = DEFAULT_BATCH_SIZE, cache=None, progress: bool = True,
+               source: str = "bundled", text: str | None = None, keep_layers: Iterable[int] = (),
                token_budget: int = DEFAULT_TOKEN_BUDGET) -> dict:
     """Perplexity of `lm` (with `edits` applied) on WikiText-2 test, or on `text` if given.
 
