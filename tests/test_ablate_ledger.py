@@ -51,7 +51,9 @@ def test_skipped_experts_are_described_inside_and_forgotten_after(tokenizer):
     """A skipped expert is an edit like a weight edit: inside the block the ledger explains the
     zeroed slice by it (an evaluation keys its results by it); the bit-exact restore makes the
     weights known again."""
-    from sw_lib import edits, tiny
+    from sw_lib import edits
+
+    import tiny
 
     model = tiny.tiny_model("qwen3_moe", vocab_size=len(tokenizer), seed=3)
     ablate.mark_unmodified(model)

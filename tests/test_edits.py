@@ -4,8 +4,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sw_lib import ablate, arch, edits, tiny
+from sw_lib import ablate, arch, edits
 
+import tiny
 from conftest import assert_bit_identical, weights_snapshot
 
 

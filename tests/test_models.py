@@ -7,8 +7,10 @@ import sys
 import pytest
 import torch
 
-from sw_lib import arch, models, tiny
+from sw_lib import arch, models
 from sw_lib.models import ModelLoadError
+
+import tiny
 
 
 def test_default_alias_locates_the_packaged_gguf_without_importing_it():

@@ -7,7 +7,7 @@ from pathlib import Path
 import papermill
 import pytest
 
-from sw_lib import tiny
+import tiny
 
 ROOT = Path(__file__).resolve().parents[1]
 TS = "20250102_030405"

@@ -248,7 +248,7 @@ PLANTED = [_w(1, 5, 7), _w(2, 11, 20), _w(2, 13, 20)]  # the last two share colu
 
 
 def _planted_model(tokenizer):
-    from sw_lib.tiny import plant_super_weight, tiny_model
+    from tiny import plant_super_weight, tiny_model
 
     model = tiny_model("llama", vocab_size=len(tokenizer))
     ids = tokenizer(PROMPT, return_tensors="pt").input_ids

@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from sw_lib import ablate, arch, detect, edits, models, reference, tiny, verdict
+from sw_lib import ablate, arch, detect, edits, models, reference, verdict
 
+import tiny
 from conftest import assert_bit_identical, weights_snapshot
 
 PROMPT = "Apple Inc. is a worldwide tech company."
