@@ -24,11 +24,11 @@ from typing import Iterable
 import torch
 from torch import nn
 
-from . import prefix
+from . import config, prefix
 from .edits import EditSet
 from .evaluate.perplexity import PROTOCOL, RESERVED_TAIL_TOKENS, tokens_of
 
-DEFAULT_TOKENS = 512  # reference length; at most RESERVED_TAIL_TOKENS
+DEFAULT_TOKENS = config.default("detection.reference_tokens")  # at most RESERVED_TAIL_TOKENS
 
 
 # --- the text --------------------------------------------------------------------------------

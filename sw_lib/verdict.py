@@ -38,16 +38,18 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from . import arch
+from . import arch, config
 from .ablate import weight_label
 from .edits import EditSet
 from .evaluate.stats import bootstrap_interval
 from .reference import Meter
 
 VERDICTS = ("super_weight", "contributor", "no_effect")
-DEFAULT_SUPER_RATIO = 2.0
-DEFAULT_CONTROL_LARGEST = 3
-DEFAULT_CONTROL_RANDOM = 2
+# Keyword defaults come from params/default.yaml (the one source of defaults).
+DEFAULT_SUPER_RATIO = config.default("detection.super_ratio")
+DEFAULT_CONTROL_LARGEST = config.default("detection.control_largest")
+DEFAULT_CONTROL_RANDOM = config.default("detection.control_random")
+DEFAULT_SEED = config.default("runtime.seed")
 
 
 @dataclass(frozen=True)
@@ -56,7 +58,7 @@ class VerdictRule:
     control_multiple: float = 10.0  # effect / largest control effect, at least
     block_tokens: int = 32  # bootstrap unit: consecutive reference tokens
     confidence: float = 0.95
-    seed: int = 0  # bootstrap and random control weights
+    seed: int = DEFAULT_SEED  # bootstrap and random control weights
 
     def __post_init__(self):
         if not self.super_ratio > 1.0:

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from typing import Callable, Sequence, TypeVar
 
+from .. import config
+
 T = TypeVar("T")
 
 # Defaults of params/default.yaml `evaluation.batch_size` / `evaluation.token_budget`. On a
@@ -17,8 +19,8 @@ T = TypeVar("T")
 # only add padding and spill the caches (HellaSwag, SmolLM2-135M, 1 thread: 1024 tokens per
 # batch ran fastest of 512-16384); on a GPU raise the budget. Generation decodes up to
 # `batch_size` prompts together (each prefilled alone).
-DEFAULT_BATCH_SIZE = 32
-DEFAULT_TOKEN_BUDGET = 1024
+DEFAULT_BATCH_SIZE = config.default("evaluation.batch_size")
+DEFAULT_TOKEN_BUDGET = config.default("evaluation.token_budget")
 
 
 def by_budget(items: Sequence[T], length: Callable[[T], int], token_budget: int,
