@@ -35,6 +35,25 @@ def test_packaged_copy_matches_the_repository_default():
                                       "cp params/default.yaml sw_lib/params/default.yaml")
 
 
+def test_quick_params_change_only_sizes_and_stay_smaller_than_the_default():
+    """params/quick.yaml (the smoke run) validates and shrinks every evaluation size."""
+    quick, default = config.load(REPO / "params" / "quick.yaml"), config.load()
+    changed = {k for k in quick["evaluation"] if quick["evaluation"][k] != default["evaluation"][k]}
+    assert changed <= {"perplexity_samples", "accuracy_samples", "accuracy_tasks", "gsm8k_samples"}
+    for size in ("perplexity_samples", "accuracy_samples", "gsm8k_samples"):
+        assert quick["evaluation"][size] < default["evaluation"][size], size
+    assert {k: v for k, v in quick.items() if k != "evaluation"} == \
+        {k: v for k, v in default.items() if k != "evaluation"}
+
+
+def test_default_sizes_have_power():
+    """Issue 9: the default run evaluates enough items to resolve a change of a few points."""
+    ev = config.load()["evaluation"]
+    assert ev["accuracy_samples"] >= 300 and ev["perplexity_samples"] >= 16
+    assert ev["seq_len"] == 2048 and ev["gsm8k_samples"] >= 40
+    assert {"hellaswag", "arc_easy", "arc_challenge", "mmlu", "gsm8k"} <= set(ev["accuracy_tasks"])
+
+
 def test_file_overrides_default_and_flags_override_file(tmp_path):
     path = write(tmp_path, "models: [a, b]\ndetection:\n  spike_threshold: 70\n"
                            "evaluation:\n  accuracy_tasks: [mmlu]\n  perplexity_samples: null\n")
