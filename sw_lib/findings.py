@@ -52,11 +52,18 @@ def number(value: float | None, digits: int = 3) -> str:
     return f"{value:.{digits}g}"
 
 
-def ratio_with_interval(ratio: float | None, interval: Sequence[float] | None) -> str:
-    """`6.79 [5.76, 8.19]`; "∞" for a ratio that is not finite (None with finite=False)."""
-    text = number(ratio)
+def ratio(value: float | None) -> str:
+    """A ratio: 3 significant digits, 4 decimals within 1% of 1 (so 1.0017 is not "1")."""
+    if isinstance(value, (int, float)) and value != 1 and abs(value - 1) < 0.01:
+        return f"{value:.4f}"
+    return number(value)
+
+
+def ratio_with_interval(value: float | None, interval: Sequence[float] | None) -> str:
+    """`6.79 [5.76, 8.19]`."""
+    text = ratio(value)
     if interval and None not in interval:
-        text += f" [{number(interval[0])}, {number(interval[1])}]"
+        text += f" [{ratio(interval[0])}, {ratio(interval[1])}]"
     return text
 
 
@@ -123,7 +130,7 @@ def _no_candidate_sentence(doc: dict) -> str:
 
 def _candidate_row(c: dict) -> list[str]:
     control = c.get("control") or {}
-    control_ratio = (number(control.get("max_perplexity_ratio"))
+    control_ratio = (ratio(control.get("max_perplexity_ratio"))
                      if control.get("measured", True) and control.get("max_perplexity_ratio")
                      else "not needed")
     return [weight_label(c), c.get("verdict") or "no verdict",
@@ -161,13 +168,13 @@ def detection(doc: dict) -> Findings:
     for c in by["super_weight"]:
         sentences.append(f"Super weight {weight_label(c)}: zeroing it alone multiplies the "
                          f"reference perplexity by {ratio_with_interval(c['perplexity_ratio'], c['perplexity_ratio_interval'])}"
-                         f"; the control's largest change is {number((c.get('control') or {}).get('max_perplexity_ratio'))}.")
+                         f"; the control's largest change is {ratio((c.get('control') or {}).get('max_perplexity_ratio'))}.")
     if not by["super_weight"]:
         sentences.append(f"No super weight: no candidate's effect is both catastrophic (ratio "
                          f">= {doc['verdict_rule']['super_ratio']:g}) and far outside its control.")
     if by["contributor"]:
         sentences.append("Contributors (clearly above the control, not catastrophic): "
-                         + ", ".join(f"{weight_label(c)} × {number(c['perplexity_ratio'])}"
+                         + ", ".join(f"{weight_label(c)} × {ratio(c['perplexity_ratio'])}"
                                      for c in by["contributor"]) + ".")
     if by["no_effect"]:
         sentences.append(f"{plural(len(by['no_effect']), 'spike')} in "
@@ -177,7 +184,7 @@ def detection(doc: dict) -> Findings:
     rows = [_candidate_row(c) for c in shown]
     if by["no_effect"]:
         ratios = [c["perplexity_ratio"] for c in by["no_effect"] if c.get("perplexity_ratio")]
-        spread = f"{number(min(ratios))} to {number(max(ratios))}" if ratios else "n/a"
+        spread = f"{ratio(min(ratios))} to {ratio(max(ratios))}" if ratios else "n/a"
         rows.append([f"{len(by['no_effect'])} others ({layer_span(c['layer'] for c in by['no_effect'])})",
                      "no_effect", spread, "", ""])
     return Findings(title, sentences, columns, _capped(rows, len(columns)),
