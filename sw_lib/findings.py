@@ -89,6 +89,12 @@ def weight_label(w: dict) -> str:
     return f"{where} [{w.get('row')}, {w.get('column')}]"
 
 
+def model_name(doc: dict, default: str = "the model") -> str:
+    """The model as a reader knows it: an alias or hub id as given, a path by its last part."""
+    name = str(doc.get("model") or default)
+    return name.rstrip("/").rsplit("/", 1)[-1] if name.startswith(("/", ".", "~")) else name
+
+
 def plural(n: int, word: str, many: str | None = None) -> str:
     return f"{n} {word if n == 1 else (many or word + 's')}"
 
@@ -133,17 +139,18 @@ def _candidate_row(c: dict) -> list[str]:
     control_ratio = (ratio(control.get("max_perplexity_ratio"))
                      if control.get("measured", True) and control.get("max_perplexity_ratio")
                      else "not needed")
+    after_norm = " after the post-MLP norm" if c.get("flagged_by") == ["post_norm"] else ""
     return [weight_label(c), c.get("verdict") or "no verdict",
             ratio_with_interval(c.get("perplexity_ratio"), c.get("perplexity_ratio_interval")),
             control_ratio,
-            f"{number(c.get('input_value'))} → {number(c.get('output_value'))} "
+            f"{number(c.get('input_value'))} → {number(c.get('output_value'))}{after_norm} "
             f"({c.get('token_text', '')!r})"]
 
 
 def detection(doc: dict) -> Findings:
     """01: how many candidates got each verdict, the super weights and contributors with
     their effect zeroed alone and their control, and plainly when there is none."""
-    model = doc.get("model", "the model")
+    model = model_name(doc)
     title = f"Detection: {model}"
     columns = ["weight", "verdict", "reference perplexity ratio, zeroed alone [95% CI]",
                "control's largest ratio", "input → output spike (token)"]
@@ -268,7 +275,7 @@ def _baseline_sentence(baseline: dict | None) -> str | None:
 
 def individual(summary: dict) -> Findings:
     """02: each ablated weight (or group) alone: perplexity ratio and significant changes."""
-    title = f"Each super weight zeroed alone: {summary.get('model', '')}".rstrip(": ")
+    title = f"Each super weight zeroed alone: {model_name(summary)}"
     analyses = summary.get("analyses") or []
     if not analyses:
         return Findings(title, ["Nothing was ablated: the detection gave no weight the verdict "
@@ -307,7 +314,7 @@ def _impact_row(label: str, impact: dict, accuracy: dict) -> list[str]:
 
 def combined(doc: dict) -> Findings:
     """03: all super weights zeroed together, against each alone."""
-    title = f"All super weights zeroed together: {doc.get('model', '')}".rstrip(": ")
+    title = f"All super weights zeroed together: {model_name(doc)}"
     weights = doc.get("super_weights") or []
     if not weights:
         return Findings(title, ["Nothing was ablated: the detection gave no weight the verdict "
@@ -342,9 +349,9 @@ def combined(doc: dict) -> Findings:
 
 
 def moe(doc: dict) -> Findings:
-    title = f"Mixture of experts: {doc.get('model', '')}".rstrip(": ")
+    title = f"Mixture of experts: {model_name(doc)}"
     if not doc.get("is_moe"):
-        return Findings(title, [f"{doc.get('model', 'The model')} has no mixture-of-experts "
+        return Findings(title, [f"{model_name(doc, 'The model')} has no mixture-of-experts "
                                 "layers: nothing to route."], status="empty")
     flagged = (doc.get("super_experts") or {}).get("flagged") or []
     found = doc.get("expert_super_weights") or []
