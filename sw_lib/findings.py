@@ -121,14 +121,15 @@ def _capped(rows: list[list[str]], columns: int) -> list[list[str]]:
 
 def _no_candidate_sentence(doc: dict) -> str:
     """Why nothing was found: the largest input and output spikes against the threshold."""
-    threshold = doc["config"]["spike_threshold"]
+    threshold = (doc.get("config") or {}).get("spike_threshold")
+    threshold = f"{threshold:g}" if isinstance(threshold, (int, float)) else "(not recorded)"
     layers = doc["iterations"][0]["layers"] if doc.get("iterations") else []
     if not layers:
         return "No candidate: the detection read no layer."
     top_in = max(layers, key=lambda m: m["max_input"])
     top_out = max(layers, key=lambda m: m["max_output"])
     return (f"No super weight candidate: no layer's down projection has both its input and its "
-            f"output above the spike threshold {threshold:g} (largest input "
+            f"output above the spike threshold {threshold} (largest input "
             f"{number(top_in['max_input'])} at layer {top_in['layer']}, largest output "
             f"{number(top_out['max_output'])} at layer {top_out['layer']}, over "
             f"{plural(len(layers), 'layer')}).")
@@ -154,7 +155,7 @@ def detection(doc: dict) -> Findings:
     title = f"Detection: {model}"
     columns = ["weight", "verdict", "reference perplexity ratio, zeroed alone [95% CI]",
                "control's largest ratio", "input → output spike (token)"]
-    candidates = doc.get("candidates") or []
+    candidates = doc.get("candidates", doc.get("super_weights")) or []
     if not candidates:
         return Findings(title, [_no_candidate_sentence(doc),
                                 f"{model} has no super weight by this detector."],

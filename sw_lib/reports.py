@@ -136,12 +136,16 @@ def model_facts(analysis: dict | None) -> list[str]:
     if not analysis:
         return ["No analysis file (the run stopped before this model finished)."]
     facts = []
-    det = analysis.get("detection")
-    if det:
-        facts += findings.detection(det).sentences[:3]
-    combined = analysis.get("combined")
-    if combined and combined.get("super_weights"):
-        facts += findings.combined(combined).sentences[1:3]
+    try:
+        det = analysis.get("detection")
+        if det:
+            facts += findings.detection(det).sentences[:3]
+        combined = analysis.get("combined")
+        if combined and combined.get("super_weights"):
+            facts += findings.combined(combined).sentences[1:3]
+    except (KeyError, TypeError, ValueError, AttributeError) as err:
+        # A file of another schema version must not take the index down with it.
+        facts.append(f"(its JSON could not be summarized: {type(err).__name__}: {err})")
     return facts
 
 
