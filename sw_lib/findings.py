@@ -250,13 +250,14 @@ def _accuracy_sentence(accuracy: dict, who: str) -> str:
             "no change is named from a point estimate alone.")
 
 
-def perplexity_phrase(ratio, interval, significant, severity, finite=True) -> str:
+def perplexity_phrase(value, interval, significant, severity, finite=True) -> str:
+    """`× 10.4 [9.1, 11.8], catastrophic` (or `..., not significant`)."""
     if finite is False:
-        return "perplexity no longer finite (the model is destroyed)"
-    text = f"perplexity × {ratio_with_interval(ratio, interval)}"
+        return "no longer finite: the model is destroyed"
+    text = f"× {ratio_with_interval(value, interval)}"
     if significant is None:
         return text
-    return text + (f" ({severity})" if significant and severity else " (not significant)")
+    return text + (f", {severity}" if significant and severity else ", not significant")
 
 
 def _baseline_sentence(baseline: dict | None) -> str | None:
@@ -289,7 +290,7 @@ def individual(summary: dict) -> Findings:
         ppl = perplexity_phrase(a.get("perplexity_ratio"), a.get("perplexity_ratio_ci95"),
                                 a.get("perplexity_significant"), a.get("perplexity_severity"),
                                 a.get("modified_perplexity_finite"))
-        sentences.append(f"{a['label']}: {ppl}.")
+        sentences.append(f"{a['label']} zeroed alone: perplexity {ppl}.")
         sentences.append(_accuracy_sentence(a.get("accuracy"), a["label"]))
         sig = significant_changes(a.get("accuracy"))
         rows.append([a["label"],
@@ -322,17 +323,17 @@ def combined(doc: dict) -> Findings:
                                 "super_weight, so there is no combined condition."],
                         status="empty")
     p = doc.get("perplexity_impact") or {}
-    who = f"All {plural(len(weights), 'weight')} zeroed ({', '.join(map(weight_label, weights[:6]))}"
-    who += ", ...)" if len(weights) > 6 else ")"
+    who = (f"{'All ' if len(weights) > 1 else ''}{plural(len(weights), 'weight')} zeroed "
+           f"({', '.join(map(weight_label, weights[:6]))}{', ...' if len(weights) > 6 else ''})")
     sentences = [s for s in [_baseline_sentence(doc.get("baseline"))] if s]
     if p:
         before, after = p.get("baseline_perplexity"), p.get("modified_perplexity")
-        moved = (f"perplexity {number(before)} → {number(after) if after is not None else '∞'}, "
+        moved = (f"{number(before)} → {number(after) if after is not None else '∞'} "
                  if before is not None else "")
-        sentences.append(f"{who}: {moved}"
+        sentences.append(f"{who}: perplexity {moved}("
                          + perplexity_phrase(p.get("perplexity_ratio"), p.get("ratio_ci95"),
                                              p.get("significant"), p.get("impact_severity"),
-                                             p.get("modified_perplexity_finite")) + ".")
+                                             p.get("modified_perplexity_finite")) + ").")
     else:
         sentences.append(f"{who}: perplexity was not evaluated.")
     sentences.append(_accuracy_sentence(doc.get("accuracy_impacts"), "All together"))
@@ -385,16 +386,16 @@ def comparison(summary: dict) -> Findings:
     for m in models:
         weights = m.get("super_weights") or []
         if not m.get("detection_ok", True):
-            ratio = "n/a (detection failed)"
+            shown = "n/a (detection failed)"
         elif m.get("perplexity_destroyed"):
-            ratio = "∞ (destroyed)"
+            shown = "∞ (destroyed)"
         else:
-            ratio = ratio_with_interval(m.get("perplexity_ratio"), m.get("perplexity_ratio_ci95"))
+            shown = ratio_with_interval(m.get("perplexity_ratio"), m.get("perplexity_ratio_ci95"))
         drops = [f"{task} {drop:+.3f}" for task, drop in (m.get("accuracy_drops") or {}).items()
                  if drop is not None and (m.get("accuracy_significant") or {}).get(task)]
         rows.append([m["slug"], m.get("family") or "", ", ".join(map(weight_label, weights[:4]))
                      + (" ..." if len(weights) > 4 else "") if weights else "none",
-                     ratio if weights else "", "; ".join(drops) or "none"])
+                     shown if weights else "", "; ".join(drops) or "none"])
         if not m.get("detection_ok", True):
             sentences.append(f"{m['slug']}: detection did not succeed ({m.get('status')}).")
         elif not weights:
@@ -402,8 +403,8 @@ def comparison(summary: dict) -> Findings:
         else:
             sentences.append(f"{m['slug']} ({m.get('family')}): "
                              f"{plural(len(weights), 'super weight')} in "
-                             f"{layer_span(w['layer'] for w in weights)}; zeroing them: "
-                             f"perplexity × {ratio}.")
+                             f"{layer_span(w['layer'] for w in weights)}; zeroing "
+                             f"{'them' if len(weights) > 1 else 'it'}: perplexity × {shown}.")
     return Findings(title, sentences, columns, _capped(rows, len(columns)))
 
 

@@ -86,7 +86,8 @@ def test_combined_findings_state_only_significant_accuracy_changes():
            "individual": [], "reused": True}
     f = findings.combined(doc)
     text = findings.to_text(f)
-    assert "perplexity 21.3 → 221, perplexity × 10.3 [9.1, 11.8] (catastrophic)" in text
+    assert ("1 weight zeroed (L11 [507, 1229]): perplexity 21.3 → 221 "
+            "(× 10.3 [9.1, 11.8], catastrophic)") in text
     assert "hellaswag acc_norm 0.450 → 0.200, -0.250 [-0.400, -0.100], p = 0.002 (severe)" in text
     assert "hellaswag acc " not in text.replace("hellaswag acc_norm", "")
     assert f.rows[-1] == ["all together", "10.3 [9.1, 11.8]", "catastrophic",
