@@ -350,6 +350,10 @@ def combined(doc: dict) -> Findings:
 # --- 04 MoE --------------------------------------------------------------------------------------
 
 
+def _expert(e: dict) -> str:
+    return f"L{e['layer']} " + ("shared" if e.get("shared") else f"E{e['expert']}")
+
+
 def moe(doc: dict) -> Findings:
     title = f"Mixture of experts: {model_name(doc)}"
     if not doc.get("is_moe"):
@@ -360,14 +364,13 @@ def moe(doc: dict) -> Findings:
     sentences = [f"{len(doc.get('moe_layers') or [])} MoE layers of {doc.get('num_experts')} "
                  f"experts (top-{doc.get('top_k')}).",
                  (f"{plural(len(flagged), 'super expert')}: "
-                  + ", ".join(f"L{e['layer']} E{e['expert']}" for e in flagged) + "."
+                  + ", ".join(map(_expert, flagged)) + "."
                   if flagged else "No super expert is flagged."),
                  (f"{plural(len(found), 'expert super weight')}: "
                   + ", ".join(map(weight_label, found[:8])) + ("..." if len(found) > 8 else "") + "."
                   if found else "No expert super weight at this spike threshold.")]
     columns = ["expert", "max |down_proj output|"]
-    rows = [[f"L{e['layer']} E{e['expert']}", number(e.get("max_output", e.get("value")))]
-            for e in flagged]
+    rows = [[_expert(e), number(e.get("max_output"))] for e in flagged]
     return Findings(title, sentences, columns if rows else [], _capped(rows, len(columns)))
 
 

@@ -143,3 +143,27 @@ def test_export_puts_findings_under_the_title_and_links_the_notebook(tmp_path):
     failed = runner.export_html(source, tmp_path / "f.html", error="ValueError: bad").read_text()
     assert "This stage failed: ValueError: bad" in failed
     assert json.loads(json.dumps(findings.detection(DETECTION).to_dict()))["title"]
+
+
+def test_moe_and_comparison_findings():
+    dense = findings.moe({"model": "smollm2-135m", "is_moe": False})
+    assert dense.status == "empty" and "no mixture-of-experts layers" in dense.sentences[0]
+    doc = {"model": "m", "is_moe": True, "moe_layers": [1, 2, 3], "num_experts": 8, "top_k": 2,
+           "super_experts": {"flagged": [{"layer": 1, "expert": 68, "max_output": 912.0},
+                                         {"layer": 2, "expert": None, "shared": True,
+                                          "max_output": 300.0}]},
+           "expert_super_weights": [{"layer": 1, "expert": 68, "row": 940, "column": 711}]}
+    f = findings.moe(doc)
+    assert f.sentences == ["3 MoE layers of 8 experts (top-2).", "2 super experts: L1 E68, L2 shared.",
+                           "1 expert super weight: L1 E68 [940, 711]."]
+    assert f.rows == [["L1 E68", "912"], ["L2 shared", "300"]]
+    cmp = findings.comparison({"models": [
+        {"slug": "smollm2-135m", "family": "llama", "detection_ok": True,
+         "super_weights": [{"layer": 11, "row": 507, "column": 1229}], "perplexity_ratio": 10.3,
+         "perplexity_ratio_ci95": [9.1, 11.8], "accuracy_drops": {"hellaswag": 0.2, "mmlu": 0.05},
+         "accuracy_significant": {"hellaswag": True, "mmlu": False}},
+        {"slug": "gemma3-270m", "family": "gemma", "detection_ok": True, "super_weights": []}]})
+    assert cmp.sentences == ["smollm2-135m (llama): 1 super weight in layer 11; zeroing it: "
+                             "perplexity × 10.3 [9.1, 11.8].",
+                             "gemma3-270m (gemma): no super weight found."]
+    assert cmp.rows[0][-1] == "hellaswag +0.200"  # the n.s. mmlu drop is not named
