@@ -87,6 +87,7 @@ def collect_runs(results_dir: Path) -> list[dict]:
         if complete:
             run["status"] = complete.get("status")
             run["comparison"] = complete.get("comparison")
+            run["order"] = [m["slug"] for m in complete.get("models", [])]  # as the run went
             for m in complete.get("models", []):
                 model_for(ts, m["slug"]).update(status=m.get("status"), model=m.get("model"),
                                                 error=m.get("error"))
@@ -204,7 +205,10 @@ def _run_section(run: dict, base: Path) -> str:
     if run.get("comparison") and len(run["comparison"].get("models") or []) > 1:
         body.append("<ul>" + "".join(f"<li>{html.escape(s)}</li>" for s in
                                      findings.comparison(run["comparison"]).sentences) + "</ul>")
-    body += [_model_card(slug_, m, ts, base) for slug_, m in sorted(run["models"].items())]
+    order = run.get("order") or []
+    ranked = sorted(run["models"].items(), key=lambda item: (
+        order.index(item[0]) if item[0] in order else len(order), item[0]))
+    body += [_model_card(slug_, m, ts, base) for slug_, m in ranked]
     return head + "\n".join(body) + "</section>"
 
 
