@@ -39,7 +39,8 @@ def _chromium() -> str:
 @pytest.fixture(scope="module")
 def run(tmp_path_factory, tokenizer, prompt_ids):
     """sw-analyze over one tiny model with a planted weight (verdict contributor, ablated with
-    --include-contributors), its reports and index in a folder of its own."""
+    --include-contributors), its reports and index in a folder of its own. The tests ask for
+    `browser` first, so a machine without Chromium skips before this run."""
     root = tmp_path_factory.mktemp("browser")
     model = tiny.tiny_model("llama", vocab_size=len(tokenizer), seed=1)
     tiny.plant_super_weight(model, *PLANTED, prompt_ids)
@@ -120,7 +121,7 @@ def _shot(browser: Browser, tmp_path: Path, name: str) -> Path:
 
 
 @pytest.mark.parametrize("over", ["disk", "http"])
-def test_index_renders_with_findings_thumbnail_and_working_links(run, browser, server, over,
+def test_index_renders_with_findings_thumbnail_and_working_links(browser, run, server, over,
                                                                  tmp_path):
     root, ts = run
     index = root / "reports" / "index.html"
@@ -143,7 +144,7 @@ def test_index_renders_with_findings_thumbnail_and_working_links(run, browser, s
 
 
 @pytest.mark.parametrize("over", ["disk", "http"])
-def test_report_opens_with_findings_and_hides_code_until_asked(run, browser, server, over,
+def test_report_opens_with_findings_and_hides_code_until_asked(browser, run, server, over,
                                                                tmp_path):
     root, ts = run
     page = results.ModelPaths(root / "results" / "tiny-llama", ts).report("01_detection")
