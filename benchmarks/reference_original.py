@@ -2,6 +2,7 @@
 
 What the original analysis script did, and what `sw_lib.evaluate` avoids:
 - batch size 1: one full forward pass per (context, choice), logits at every position;
+  GSM8K through `model.generate` one prompt at a time (stop strings checked by generate);
 - every choice re-encodes the shared context;
 - the baseline is recomputed for every super weight and every task (and again for the
   combined ablation); nothing is cached.
@@ -17,6 +18,7 @@ from typing import Iterable
 import torch
 
 from sw_lib import ablate, data
+from sw_lib.evaluate import generation
 from sw_lib.evaluate.engine import build_requests
 from sw_lib.evaluate.multiple_choice import encode_pair
 from sw_lib.evaluate.perplexity import tokens_of, window_indices
@@ -49,6 +51,28 @@ def mc_accuracy(lm, task: str, n: int, edits: Iterable = ()) -> dict:
 
 
 @torch.no_grad()
+def gsm8k(lm, n: int, edits: Iterable = ()) -> dict:
+    """Per-item answers, one `generate` call per prompt (greedy, stop strings, 256 tokens)."""
+    spec = get_task("gsm8k")
+    requests = build_requests(spec, data.select_items(spec.split, n).items, spec.default_shots)
+    stops = generation.stop_strings(lm.tokenizer, spec.until)
+    per_item = []
+    with ablate.edited(lm.model, list(edits)):
+        for request in requests:
+            ids = torch.tensor([lm.tokenizer.encode(request.context)], device=lm.device)
+            out = lm.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
+                                    max_new_tokens=spec.max_gen_toks, do_sample=False,
+                                    stop_strings=stops, tokenizer=lm.tokenizer,
+                                    pad_token_id=lm.tokenizer.pad_token_id, temperature=None,
+                                    top_p=None, top_k=None)
+            text = generation.truncate_at_stops(
+                lm.tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True), stops)
+            per_item.append(generation.item_result(request, text, spec.metrics))
+    metrics = {m: sum(it["correct"][m] for it in per_item) / len(per_item) for m in spec.metrics}
+    return {"task": "gsm8k", "metrics": metrics, "per_item": per_item}
+
+
+@torch.no_grad()
 def perplexity(lm, edits: Iterable = (), seq_len: int = 2048, n_windows: int = 4) -> dict:
     """gptq-convention perplexity, one window per forward pass with the model's own loss."""
     tokens = tokens_of(lm.tokenizer, None, "bundled")
@@ -64,7 +88,8 @@ def perplexity(lm, edits: Iterable = (), seq_len: int = 2048, n_windows: int = 4
 
 def evaluate_condition(lm, edits, tasks: dict[str, int], seq_len: int, n_windows: int) -> dict:
     return {"perplexity": perplexity(lm, edits, seq_len, n_windows),
-            "tasks": {task: mc_accuracy(lm, task, n, edits) for task, n in tasks.items()}}
+            "tasks": {task: gsm8k(lm, n, edits) if task == "gsm8k" else mc_accuracy(lm, task, n, edits)
+                      for task, n in tasks.items()}}
 
 
 def original_protocol(lm, weights: list[ablate.WeightEdit], tasks: dict[str, int],

@@ -37,7 +37,7 @@ def compare(model_name: str, candidates: list[dict]) -> dict | None:
     if entry is None:
         return None
     by_coord = {(c["layer"], c["row"], c["column"]): c for c in candidates}
-    expected = [{"layer": l, "row": r, "column": c} for l, r, c in entry["weights"]]
+    expected = [{"layer": layer, "row": r, "column": c} for layer, r, c in entry["weights"]]
     found = [dict(e, verdict=by_coord[(e["layer"], e["row"], e["column"])].get("verdict"))
              for e in expected if (e["layer"], e["row"], e["column"]) in by_coord]
     missing = [e for e in expected if (e["layer"], e["row"], e["column"]) not in by_coord]

@@ -39,6 +39,7 @@ FIELDS = {
     "mmlu_shots": "evaluation.mmlu_shots",
     "gsm8k_samples": "evaluation.gsm8k_samples",
     "batch_size": "evaluation.batch_size",
+    "token_budget": "evaluation.token_budget",
     "skip_perplexity": "evaluation.skip_perplexity",
     "skip_accuracy": "evaluation.skip_accuracy",
     "cache_dir": "evaluation.cache_dir",
@@ -159,7 +160,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--mmlu-shots", type=_integer, metavar="K", help="MMLU few-shot examples (0-5)")
     g.add_argument("--gsm8k-samples", type=_count_or_all, metavar="N",
                    help="GSM8K items (generation is slow), or 'all'")
-    g.add_argument("--batch-size", type=_integer, metavar="N", help="sequences per forward pass")
+    g.add_argument("--batch-size", type=_integer, metavar="N",
+                   help="most items (questions, windows, prompts) per forward pass")
+    g.add_argument("--token-budget", type=_integer, metavar="N",
+                   help="most padded tokens per forward pass")
     g.add_argument("--include-contributors", action=argparse.BooleanOptionalAction, default=None,
                    help="the ablation notebooks also zero the candidates with verdict "
                         "contributor (off: super weights only)")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import difflib
+import functools
 import re
 from dataclasses import dataclass
 from importlib import resources
@@ -52,10 +53,26 @@ def default_params_path() -> Path:
 
 def defaults() -> dict:
     """The embedded default parameters, with the optional keys filled in."""
+    return copy.deepcopy(_defaults())
+
+
+@functools.lru_cache(maxsize=1)
+def _defaults() -> dict:
     params = read_yaml(default_params_path())
     for dotted, value in OPTIONAL.items():
         _set(params, dotted, value)
     return params
+
+
+def default(dotted: str):
+    """One default value by its dotted field name, e.g. default("detection.spike_threshold").
+
+    The library's keyword defaults are read through this, so params/default.yaml is the one
+    place every default is written."""
+    node = _defaults()
+    for key in dotted.split("."):
+        node = node[key]
+    return copy.deepcopy(node)
 
 
 # --- reading and merging ---------------------------------------------------------------------
@@ -244,6 +261,7 @@ RULES: dict[str, Callable[[Any], Any]] = {
     "evaluation.mmlu_shots": _int(0, 5),
     "evaluation.gsm8k_samples": _int(1, nullable=True),
     "evaluation.batch_size": _int(1),
+    "evaluation.token_budget": _int(1),
     "evaluation.cache_dir": _string(nullable=True),
     "moe.router_analysis_samples": _int(1),
     "moe.p_active_floor": _number(0.0, 1.0),

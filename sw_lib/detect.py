@@ -26,11 +26,12 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from . import ablate, arch, catalog, hooks, reference, verdict
+from . import ablate, arch, catalog, config, edits, hooks, reference, verdict
 
-DEFAULT_PROMPT = "Apple Inc. is a worldwide tech company."
-DEFAULT_THRESHOLD = 50.0
-DEFAULT_ITERATIONS = 10
+# Keyword defaults come from params/default.yaml (the one source of defaults).
+DEFAULT_PROMPT = config.default("detection.prompt")
+DEFAULT_THRESHOLD = config.default("detection.spike_threshold")
+DEFAULT_ITERATIONS = config.default("detection.max_iterations")
 READINGS = ("down_proj", "post_norm")
 
 
@@ -222,9 +223,9 @@ def judge_candidates(model, candidates: list[dict], groups: list[dict],
     place. Returns what the JSON says about the reference text."""
     cases = verdict.weight_cases(model, candidates, control_largest, control_random, rule.seed)
     multi = [(g, _members(candidates, g)) for g in groups if len(g["rows"]) > 1]
-    for g, members in multi:
+    for _, members in multi:
         controls = {cond: d for i in members for d, cond in cases[i].controls}
-        cases.append(verdict.Case(reference.Condition.zeroing([candidates[i] for i in members]),
+        cases.append(verdict.Case(edits.EditSet.zeroing([candidates[i] for i in members]),
                                   [(d, cond) for cond, d in controls.items()]))
     layers = {case.condition.first_layer for case in cases}
     meter = reference.Meter(model, ref.ids, layers)
@@ -255,6 +256,7 @@ def detect_super_weights(lm, prompt: str = DEFAULT_PROMPT,
                          reference_tokens: int = reference.DEFAULT_TOKENS,
                          require_co_occurrence: bool = False,
                          moe_options: dict | None = None,
+                         seed: int = verdict.DEFAULT_SEED,
                          progress: bool = True) -> Detection:
     """Find, group and judge the super weight candidates of a `LoadedModel`.
 
@@ -271,7 +273,7 @@ def detect_super_weights(lm, prompt: str = DEFAULT_PROMPT,
     if control_largest < 0 or control_random < 0:
         raise ValueError(f"control_largest and control_random must be >= 0, got "
                          f"{control_largest} and {control_random}")
-    rule = verdict.VerdictRule(super_ratio=super_ratio)
+    rule = verdict.VerdictRule(super_ratio=super_ratio, seed=seed)
     model, tokenizer = lm.model, lm.tokenizer
     ref = reference.reference_text(tokenizer, reference_tokens) if confirm_candidates else None
     input_ids = tokenizer(prompt, return_tensors="pt").input_ids

@@ -174,9 +174,10 @@ def detection(doc: dict) -> Findings:
                  f"{plural(len(by['contributor']), 'contributor')}, "
                  f"{len(by['no_effect'])} with no effect beyond the control."]
     for c in by["super_weight"]:
+        effect = ratio_with_interval(c["perplexity_ratio"], c["perplexity_ratio_interval"])
+        control = ratio((c.get("control") or {}).get("max_perplexity_ratio"))
         sentences.append(f"Super weight {weight_label(c)}: zeroing it alone multiplies the "
-                         f"reference perplexity by {ratio_with_interval(c['perplexity_ratio'], c['perplexity_ratio_interval'])}"
-                         f"; the control's largest change is {ratio((c.get('control') or {}).get('max_perplexity_ratio'))}.")
+                         f"reference perplexity by {effect}; the control's largest change is {control}.")
     if not by["super_weight"]:
         sentences.append(f"No super weight: no candidate's effect is both catastrophic (ratio "
                          f">= {doc['verdict_rule']['super_ratio']:g}) and far outside its control.")

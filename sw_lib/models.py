@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from . import arch, gguf_header
+from . import ablate, arch, gguf_header
 
 
 class ModelLoadError(RuntimeError):
@@ -291,11 +291,30 @@ _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.flo
            "fp16": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
 
 
+def cpu_has_bf16_matrix_units() -> bool:
+    """True on CPUs with AMX-BF16 tiles (Intel Sapphire Rapids and later), which multiply
+    bfloat16 matrices several times faster than float32: torch must see AMX tiles, and the
+    kernel's CPU flags (where readable) must list amx_bf16."""
+    amx_tiles = getattr(torch.cpu, "_is_amx_tile_supported", None)
+    if amx_tiles is None or not amx_tiles():
+        return False
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return True  # torch saw the tiles; no flags to check on this system
+    return "amx_bf16" in flags
+
+
 def choose_dtype(dtype: str | torch.dtype = "auto", device: torch.device | None = None) -> torch.dtype:
+    """auto: bfloat16 on a CUDA device that supports it and on a CPU with AMX-BF16 units,
+    else float32. Statistics and log-probabilities are computed in float32 either way."""
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype == "auto":
-        if device is not None and device.type == "cuda" and torch.cuda.is_bf16_supported():
+        device = device or torch.device("cpu")
+        if device.type == "cuda" and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        if device.type == "cpu" and cpu_has_bf16_matrix_units():
             return torch.bfloat16
         return torch.float32
     if dtype not in _DTYPES:
@@ -306,8 +325,14 @@ def choose_dtype(dtype: str | torch.dtype = "auto", device: torch.device | None 
 # --- fingerprint ---------------------------------------------------------------------------
 
 
-def fingerprint(model: torch.nn.Module) -> str:
-    """blake2b over every parameter's name, shape, dtype and bytes: identifies the weights."""
+def fingerprint(model: torch.nn.Module, mark: bool = False) -> str:
+    """blake2b over every parameter's name, shape, dtype and bytes: identifies the weights.
+
+    mark: also record the tensors' in-place version counters as the fingerprinted state
+    (`ablate.mark_unmodified`), so later writes to the weights are noticed (evaluate/weights.py).
+    """
+    if mark:
+        ablate.mark_unmodified(model)
     h = hashlib.blake2b(digest_size=16)
     for name, tensor in sorted(model.state_dict().items()):
         t = tensor.detach()
@@ -448,7 +473,7 @@ def load_model(spec: str = DEFAULT_MODEL, dtype: str | torch.dtype = "auto", dev
         tokenizer.pad_token = tokenizer.eos_token
     return LoadedModel(model=model, tokenizer=tokenizer, name=spec,
                        source="gguf" if source == "alias" else source, family=family,
-                       fingerprint=fingerprint(model), dtype=torch_dtype,
+                       fingerprint=fingerprint(model, mark=True), dtype=torch_dtype,
                        device=next(model.parameters()).device,
                        load_seconds=time.perf_counter() - start, info=info)
 
@@ -457,7 +482,7 @@ def from_model(model: torch.nn.Module, tokenizer, name: str = "in-memory") -> Lo
     """Wrap a model built in memory (tests, notebooks) in a LoadedModel."""
     model.eval()
     return LoadedModel(model=model, tokenizer=tokenizer, name=name, source="memory",
-                       family=arch.family_of(model), fingerprint=fingerprint(model),
+                       family=arch.family_of(model), fingerprint=fingerprint(model, mark=True),
                        dtype=next(model.parameters()).dtype,
                        device=next(model.parameters()).device, load_seconds=0.0)
 

@@ -9,7 +9,7 @@ Used by detection (confirming candidates) and by the evaluation engine (ablated 
 from __future__ import annotations
 
 import contextlib
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 from torch import nn
 
@@ -45,15 +45,24 @@ def recording_inputs(model: nn.Module, layers: Iterable[int]) -> Iterator[dict[i
 
 
 @contextlib.contextmanager
-def starting_at(model: nn.Module, layer: int, state) -> Iterator[None]:
+def starting_at(model: nn.Module, layer: int, state,
+                on_skip: Callable[[int], None] | None = None) -> Iterator[None]:
     """Forward passes inside start at `layer`: the layers before it return `state`, the
     recorded input of `layer` (a fresh copy per call). Only valid for the inputs the state was
-    recorded with, and for edits at `layer` or above. `layer` 0 changes nothing."""
+    recorded with, and for edits at `layer` or above. `layer` 0 changes nothing.
+    on_skip(i) runs in place of each skipped layer i (e.g. to fill its key/value cache)."""
     skipped = list(arch.decoder_layers(model))[:layer]
-    replay = lambda *args, **kwargs: clone(state)  # noqa: E731
+
+    def replay(index):
+        def forward(*args, **kwargs):
+            if on_skip is not None:
+                on_skip(index)
+            return clone(state)
+        return forward
+
     try:
-        for module in skipped:
-            module.forward = replay
+        for index, module in enumerate(skipped):
+            module.forward = replay(index)
         yield
     finally:
         for module in skipped:

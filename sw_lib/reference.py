@@ -6,8 +6,8 @@ tokens. Perplexity never evaluates a window that overlaps the last
 `perplexity.RESERVED_TAIL_TOKENS` tokens, and the accuracy tasks are other datasets, so no token
 that detection judges a candidate on is ever an evaluated token.
 
-A `Condition` is any change to the model: weight edits (zeroed or scaled scalars), whole experts
-skipped, or both. `Meter` measures conditions on the reference: the per-token next-token
+A condition is any set of edits (`sw_lib.edits.EditSet`: zeroed or scaled scalars, whole experts
+skipped, hooks). `Meter` measures conditions on the reference: the per-token next-token
 negative log-likelihood in float32 (whatever the model's dtype), once for the unchanged model
 and once per condition. A condition changes nothing below its lowest layer, so the unchanged
 model's input to that layer is recorded once and the condition's pass starts there
@@ -18,18 +18,17 @@ neither of them.
 """
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
-from typing import Iterable, Iterator
+from typing import Iterable
 
 import torch
 from torch import nn
 
-from . import ablate, prefix
-from .ablate import WeightEdit
+from . import config, prefix
+from .edits import EditSet
 from .evaluate.perplexity import PROTOCOL, RESERVED_TAIL_TOKENS, tokens_of
 
-DEFAULT_TOKENS = 512  # reference length; at most RESERVED_TAIL_TOKENS
+DEFAULT_TOKENS = config.default("detection.reference_tokens")  # at most RESERVED_TAIL_TOKENS
 
 
 # --- the text --------------------------------------------------------------------------------
@@ -79,47 +78,6 @@ def reference_text(tokenizer, n_tokens: int = DEFAULT_TOKENS,
                          len(tokens), source)
 
 
-# --- conditions ------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Condition:
-    """A change to the model: weight edits, and whole experts skipped (layer, expert, shared)."""
-
-    edits: tuple[WeightEdit, ...] = ()
-    experts: tuple[tuple[int, int | None, bool], ...] = ()
-
-    @classmethod
-    def zeroing(cls, weights: Iterable) -> "Condition":
-        """Zero the given weights (dicts, WeightEdits or (layer, row, column) tuples)."""
-        return cls(edits=tuple(sorted(ablate.zero(weights))))
-
-    @classmethod
-    def skipping(cls, experts: Iterable) -> "Condition":
-        """Skip whole experts: (layer, expert) pairs or {"layer", "expert", "shared"} dicts."""
-        keys = []
-        for e in experts:
-            keys.append((int(e["layer"]), e.get("expert"), bool(e.get("shared", False)))
-                        if isinstance(e, dict) else (int(e[0]), e[1], False))
-        return cls(experts=tuple(sorted(keys, key=str)))
-
-    @property
-    def first_layer(self) -> int:
-        """The lowest layer the condition changes (the pass starts there)."""
-        layers = [e.layer for e in self.edits] + [layer for layer, _, _ in self.experts]
-        if not layers:
-            raise ValueError("an empty condition changes nothing")
-        return min(layers)
-
-    @contextlib.contextmanager
-    def applied(self, model: nn.Module) -> Iterator[None]:
-        """The model with the condition in force; restored bit-exactly on exit."""
-        skipped = [{"layer": layer, "expert": expert, "shared": shared}
-                   for layer, expert, shared in self.experts]
-        with ablate.edited(model, self.edits), ablate.experts_skipped(model, skipped):
-            yield
-
-
 # --- measuring -------------------------------------------------------------------------------
 
 
@@ -151,7 +109,7 @@ class Meter:
             self.baseline = token_nll(model, input_ids)
         self.inputs = inputs
 
-    def nll(self, condition: Condition) -> torch.Tensor:
+    def nll(self, condition: EditSet) -> torch.Tensor:
         start = condition.first_layer
         if start not in self.inputs:
             start = 0  # nothing recorded: run every layer
@@ -159,6 +117,6 @@ class Meter:
                 condition.applied(self.model):
             return token_nll(self.model, self.input_ids)
 
-    def differences(self, condition: Condition) -> torch.Tensor:
+    def differences(self, condition: EditSet) -> torch.Tensor:
         """NLL(condition) - NLL(unchanged) per predicted token, float32."""
         return self.nll(condition) - self.baseline

@@ -266,7 +266,8 @@ body.sw-code-hidden .jp-CodeCell.jp-mod-noOutputs { display: none; }
 {%- block body_header -%}
 <body class="jp-Notebook sw-code-hidden" data-jp-theme-light="true" data-jp-theme-name="JupyterLab Light">
 <div id="sw-report-bar"><button id="sw-toggle-code" type="button" aria-pressed="false"
-onclick="var b=document.body;var h=b.classList.toggle('sw-code-hidden');this.textContent=h?'Show code':'Hide code';this.setAttribute('aria-pressed',String(!h));">Show code</button>
+onclick="var h=document.body.classList.toggle('sw-code-hidden');
+this.textContent=h?'Show code':'Hide code';this.setAttribute('aria-pressed',String(!h));">Show code</button>
 Code is hidden; {{ resources.sw_notebook_link }}</div>
 <main>
 {%- endblock body_header -%}
@@ -299,6 +300,7 @@ def reader_order(nb) -> None:
 def _failure_cell(nb, error: str):
     """A cell that says, at the top, that the stage failed and why."""
     import nbformat
+
     from . import findings
 
     block = findings.failed(nb.metadata.get("sw_stage", "this stage"), error)

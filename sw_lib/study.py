@@ -31,7 +31,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterable, Sequence
 
-from . import ablate
+from . import ablate, config
 from .ablate import WeightEdit, weight_label, zero
 from .evaluate import stats
 
@@ -131,19 +131,25 @@ def ablation_units(weights: Sequence[dict], unit: str = "weight") -> list[dict]:
 # --- settings and evaluation of one condition ----------------------------------------------
 
 
+def _default(name: str):
+    return lambda: config.default(f"evaluation.{name}")
+
+
 @dataclass
 class StudySettings:
     """What to evaluate per condition (the `evaluation` section of params/default.yaml)."""
 
-    perplexity_samples: int | None = 2  # WikiText-2 windows (None: all)
-    seq_len: int = 2048
-    accuracy_samples: int | None = 40  # first N items per task (None: all)
-    accuracy_tasks: tuple[str, ...] = ("hellaswag", "arc_easy", "mmlu", "gsm8k")
-    mmlu_shots: int = 0
-    gsm8k_samples: int | None = 4
-    batch_size: int = 8
-    skip_perplexity: bool = False
-    skip_accuracy: bool = False
+    # Defaults are read from params/default.yaml (the one source of defaults).
+    perplexity_samples: int | None = field(default_factory=_default("perplexity_samples"))
+    seq_len: int = field(default_factory=_default("seq_len"))
+    accuracy_samples: int | None = field(default_factory=_default("accuracy_samples"))
+    accuracy_tasks: tuple[str, ...] = field(default_factory=_default("accuracy_tasks"))
+    mmlu_shots: int = field(default_factory=_default("mmlu_shots"))
+    gsm8k_samples: int | None = field(default_factory=_default("gsm8k_samples"))
+    batch_size: int = field(default_factory=_default("batch_size"))
+    token_budget: int = field(default_factory=_default("token_budget"))
+    skip_perplexity: bool = field(default_factory=_default("skip_perplexity"))
+    skip_accuracy: bool = field(default_factory=_default("skip_accuracy"))
     progress: bool = True
 
     def __post_init__(self):
@@ -207,12 +213,12 @@ def evaluate_condition(lm, edits: Iterable[WeightEdit], settings: StudySettings,
         condition.perplexity = evaluate.perplexity(
             lm, edits=edits, seq_len=settings.seq_len, n_windows=settings.perplexity_samples,
             batch_size=settings.batch_size, cache=cache, progress=settings.progress,
-            keep_layers=keep_layers)
+            keep_layers=keep_layers, token_budget=settings.token_budget)
     for task in settings.tasks():
         condition.tasks[task] = evaluate.run_task(
             lm, task, n_samples=settings.samples_for(task), edits=edits, cache=cache,
             shots=settings.shots_for(task), batch_size=settings.batch_size,
-            progress=settings.progress, keep_layers=keep_layers)
+            progress=settings.progress, keep_layers=keep_layers, token_budget=settings.token_budget)
     condition.seconds = time.perf_counter() - start
     return condition
 

@@ -1,7 +1,7 @@
 """Verdicts: does a condition matter more than zeroing ordinary weights does?
 
 A condition (a weight zeroed alone, a (layer, column) group zeroed together, an expert skipped:
-`reference.Condition`) is measured on the reference text (`sw_lib.reference`):
+`edits.EditSet`) is measured on the reference text (`sw_lib.reference`):
 
 - its effect e = mean over the reference's predicted tokens of NLL(condition) - NLL(unchanged),
   in nats, in float32; `perplexity_ratio` = exp(e) (the reference text's perplexity ratio);
@@ -38,15 +38,18 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from . import arch
+from . import arch, config
 from .ablate import weight_label
+from .edits import EditSet
 from .evaluate.stats import bootstrap_interval
-from .reference import Condition, Meter
+from .reference import Meter
 
 VERDICTS = ("super_weight", "contributor", "no_effect")
-DEFAULT_SUPER_RATIO = 2.0
-DEFAULT_CONTROL_LARGEST = 3
-DEFAULT_CONTROL_RANDOM = 2
+# Keyword defaults come from params/default.yaml (the one source of defaults).
+DEFAULT_SUPER_RATIO = config.default("detection.super_ratio")
+DEFAULT_CONTROL_LARGEST = config.default("detection.control_largest")
+DEFAULT_CONTROL_RANDOM = config.default("detection.control_random")
+DEFAULT_SEED = config.default("runtime.seed")
 
 
 @dataclass(frozen=True)
@@ -55,7 +58,7 @@ class VerdictRule:
     control_multiple: float = 10.0  # effect / largest control effect, at least
     block_tokens: int = 32  # bootstrap unit: consecutive reference tokens
     confidence: float = 0.95
-    seed: int = 0  # bootstrap and random control weights
+    seed: int = DEFAULT_SEED  # bootstrap and random control weights
 
     def __post_init__(self):
         if not self.super_ratio > 1.0:
@@ -136,8 +139,8 @@ def control_summary(controls: Sequence[dict]) -> dict:
 class Case:
     """One condition to judge, and its controls as (description, condition) pairs."""
 
-    condition: Condition
-    controls: list[tuple[dict, Condition]]
+    condition: EditSet
+    controls: list[tuple[dict, EditSet]]
 
 
 def _measure(meter: Meter, conditions, measured: dict, desc: str, progress: bool) -> None:
@@ -157,7 +160,7 @@ def judge(meter: Meter, cases: Sequence[Case], rule: VerdictRule = VerdictRule()
     its controls are measured only when another case needs them; its `control` then says
     `measured: false` and n = 0.
     """
-    measured: dict[Condition, torch.Tensor] = {}
+    measured: dict[EditSet, torch.Tensor] = {}
     _measure(meter, [c.condition for c in cases], measured, "measuring candidates", progress)
     effects = [effect_of(measured[c.condition], rule) for c in cases]
     needed = [c for c, e in zip(cases, effects) if e["effect_interval"][0] > 0]
@@ -234,8 +237,8 @@ def weight_cases(model: torch.nn.Module, weights: Sequence[dict], largest: int, 
                  seed: int = 0) -> list[Case]:
     """A case per weight: zeroed alone, against its control weights zeroed alone."""
     controls = weight_controls(model, weights, largest, randoms, seed)
-    return [Case(Condition.zeroing([w]),
-                 [(c, Condition.zeroing([c])) for c in cs]) for w, cs in zip(weights, controls)]
+    return [Case(EditSet.zeroing([w]),
+                 [(c, EditSet.zeroing([c])) for c in cs]) for w, cs in zip(weights, controls)]
 
 
 # --- what the notebooks show and ablate ------------------------------------------------------

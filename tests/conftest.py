@@ -21,7 +21,9 @@ for _name, _sub in {"SW_CACHE_DIR": "sw_lib", "MPLCONFIGDIR": "matplotlib", "HF_
 
 import torch  # noqa: E402 -- after the environment above
 
-from sw_lib import models, tiny  # noqa: E402
+from sw_lib import models  # noqa: E402
+
+import tiny  # noqa: E402
 
 # Per-test limits (seconds) for setup + call + teardown; @pytest.mark.timeout(N) overrides.
 TIMEOUT = 300

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from sw_lib import ablate, arch
+
 from conftest import assert_bit_identical, make_tiny, weights_snapshot
 
 

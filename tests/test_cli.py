@@ -13,7 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from sw_lib import cli, results, stages, tiny
+from sw_lib import cli, results, stages
+
+import tiny
 
 REPO = Path(__file__).resolve().parents[1]
 FIGURE = re.compile(r'<img [^>]*src="data:image/png;base64,')

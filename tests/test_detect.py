@@ -6,7 +6,9 @@ import math
 import pytest
 import torch
 
-from sw_lib import arch, detect, prefix, reference, tiny
+from sw_lib import arch, detect, prefix, reference
+
+import tiny
 from conftest import assert_bit_identical, make_tiny, weights_snapshot
 
 # Verdicts on a short reference with a small control: enough to exercise (and restore) them.

@@ -2,10 +2,11 @@
 from __future__ import annotations
 
 import pytest
-from conftest import assert_bit_identical, make_tiny, weights_snapshot
 
 from sw_lib.ablate import WeightEdit
 from sw_lib.evaluate import EvalCache, perplexity, run_task
+
+from conftest import assert_bit_identical, make_tiny, weights_snapshot
 
 TEXT = " ".join(f"Sentence number {i} talks about super weights in language models." for i in range(12))
 
@@ -92,9 +93,12 @@ def test_a_different_edit_or_protocol_misses(lm, tmp_path):
 
 def test_no_cache_and_default_location(lm, tmp_path, monkeypatch):
     counter = ForwardCounter(lm.model)
-    run_task(lm, "arc_easy", 2, cache=False, progress=False)
-    run_task(lm, "arc_easy", 2, cache=False, progress=False)
-    assert counter.take() > 0
+    run_task(lm, "arc_easy", 2, cache=False, batch_size=1, progress=False)
+    first = counter.take()
+    run_task(lm, "arc_easy", 2, cache=False, batch_size=1, progress=False)
+    # Without a cache each run computes both items again: one forward per item, every time
+    # (the first run also checked the packed path once).
+    assert counter.take() == 2 and first > 2
     monkeypatch.setenv("SW_CACHE_DIR", str(tmp_path / "root"))
     assert EvalCache.default().root == tmp_path / "root" / "eval"
     result = run_task(lm, "arc_easy", 2, progress=False)  # cache=None: the default cache
@@ -113,28 +117,26 @@ def test_damaged_cache_entry_is_recomputed(lm, tmp_path):
 
 def test_ablated_pass_starts_at_the_edited_layer(tokenizer, tmp_path):
     """With the baseline's layer inputs kept, an edit at layer 2 never runs layers 0-1 again."""
-    from sw_lib.evaluate import prefix
-
     lm = make_tiny("llama", tokenizer, seed=10)
-    prefix.STORE.clear()
     edit = [WeightEdit(layer=2, row=4, column=9, scale=0.0)]
     cache = EvalCache(tmp_path / "eval")
     run_task(lm, "hellaswag", 4, cache=cache, batch_size=2, progress=False, keep_layers=[2])
-    base_ppl = perplexity(lm, seq_len=16, n_windows=2, cache=cache, progress=False, text=TEXT,
-                          keep_layers=[2])
+    base_ppl = perplexity(lm, seq_len=16, n_windows=2, batch_size=1, cache=cache, progress=False,
+                          text=TEXT, keep_layers=[2])
 
     calls = {"layer0": 0, "layer3": 0}
     hooks = [lm.model.model.layers[0].mlp.register_forward_hook(
                  lambda *a: calls.__setitem__("layer0", calls["layer0"] + 1)),
              lm.model.model.layers[3].mlp.register_forward_hook(
                  lambda *a: calls.__setitem__("layer3", calls["layer3"] + 1))]
-    reused = prefix.STORE.reused
+    reused = cache.states.reused
     task = run_task(lm, "hellaswag", 4, edits=edit, cache=cache, batch_size=2, progress=False)
-    ppl = perplexity(lm, edit, seq_len=16, n_windows=2, cache=cache, progress=False, text=TEXT)
+    ppl = perplexity(lm, edit, seq_len=16, n_windows=2, batch_size=1, cache=cache, progress=False,
+                     text=TEXT)
     for h in hooks:
         h.remove()
     assert calls["layer0"] == 0 and calls["layer3"] > 0  # layers 0-1 skipped, 2-3 computed
-    assert prefix.STORE.reused - reused == 2 + 2  # 2 MC batches + 2 windows
+    assert cache.states.reused - reused == 2 + 2  # 2 MC batches + 2 windows
     # Identical to evaluating the edited model from scratch, without any reuse.
     plain_task = run_task(lm, "hellaswag", 4, edits=edit, cache=False, batch_size=2, progress=False)
     plain_ppl = perplexity(lm, edit, seq_len=16, n_windows=2, cache=False, progress=False, text=TEXT)
@@ -142,4 +144,71 @@ def test_ablated_pass_starts_at_the_edited_layer(tokenizer, tmp_path):
         assert a["loglikelihoods"] == pytest.approx(b["loglikelihoods"], abs=1e-6)
     assert ppl["per_window_nll"] == pytest.approx(plain_ppl["per_window_nll"], rel=1e-7)
     assert ppl["per_window_nll"] != base_ppl["per_window_nll"]  # the edit did act
-    prefix.STORE.clear()
+
+
+def test_edits_made_outside_the_engine_never_poison_the_baseline(lm, tmp_path):
+    """A caller's own ablate.zeroed block and a raw in-place write are keyed by what they are."""
+    import torch
+
+    from sw_lib import ablate
+
+    cache = EvalCache(tmp_path / "eval")
+    counter = ForwardCounter(lm.model)
+    weight = WeightEdit(layer=1, row=3, column=5)
+    base = run_task(lm, "arc_easy", 3, cache=cache, progress=False)
+    assert base["info"]["weights"] == "as loaded"
+    counter.take()
+
+    # 1. Inside the caller's own block: the same condition as edits=[weight] (one entry).
+    with ablate.zeroed(lm.model, [weight]):
+        outside = run_task(lm, "arc_easy", 3, cache=cache, progress=False)
+    assert counter.take() > 0 and outside["info"]["outside_edits"] == [weight.to_dict()]
+    assert outside["per_item"] != base["per_item"]
+    inside = run_task(lm, "arc_easy", 3, edits=[weight], cache=cache, progress=False)
+    assert counter.take() == 0 and inside["per_item"] == outside["per_item"]
+    again = run_task(lm, "arc_easy", 3, cache=cache, progress=False)
+    assert counter.take() == 0 and again["per_item"] == base["per_item"]
+
+    # 2. A raw in-place write: keyed by the weights' own fingerprint, never the loaded one's.
+    matrix = lm.model.model.layers[1].mlp.down_proj.weight
+    original = matrix[3, 5].item()
+    with torch.no_grad():
+        matrix[3, 5] = 0.0
+    raw = run_task(lm, "arc_easy", 3, cache=cache, progress=False)
+    assert counter.take() > 0 and raw["info"]["weights"].startswith("changed outside the engine")
+    assert raw["per_item"] == outside["per_item"]  # the same weights as zeroing through ablate
+    with torch.no_grad():
+        matrix[3, 5] = original
+    restored = run_task(lm, "arc_easy", 3, cache=cache, progress=False)
+    assert counter.take() == 0 and restored["per_item"] == base["per_item"]
+    assert restored["info"]["weights"] == "as loaded"
+    # Entries: baseline, zeroed through ablate (shared by 1.), zeroed by hand (its own model).
+    assert len(list((tmp_path / "eval").glob("*/arc_easy/*.json"))) == 3
+
+
+def test_ablated_generation_prefills_from_the_edited_layer(tokenizer, tmp_path):
+    """GSM8K: an edit at layer 2 never encodes a prompt through layers 0-1 again (their keys
+    and values come from the baseline), and generates what a from-scratch run generates."""
+    import dataclasses
+
+    from sw_lib.evaluate import TASKS
+
+    lm = make_tiny("llama", tokenizer, seed=10)
+    spec = dataclasses.replace(TASKS["gsm8k"], max_gen_toks=5)
+    cache = EvalCache(tmp_path / "eval")
+    run_task(lm, spec, 3, shots=0, cache=cache, progress=False, keep_layers=[2])
+    edit = [WeightEdit(layer=2, row=4, column=9, scale=-3000.0)]  # strong enough to change text
+
+    prefill_lengths = []  # sequence lengths layer 0 sees (1 = a decoding step)
+    handle = lm.model.model.layers[0].mlp.register_forward_hook(
+        lambda m, args, out: prefill_lengths.append(args[0].shape[1]))
+    reused = cache.states.reused
+    ablated = run_task(lm, spec, 3, shots=0, edits=edit, cache=cache, progress=False)
+    handle.remove()
+    assert cache.states.reused - reused == 3 and set(prefill_lengths) == {1}
+    plain = run_task(lm, spec, 3, shots=0, edits=edit, cache=False, progress=False)
+    assert [it["generation"] for it in ablated["per_item"]] == \
+        [it["generation"] for it in plain["per_item"]]
+    baseline = run_task(lm, spec, 3, shots=0, cache=False, progress=False)
+    assert [it["generation"] for it in baseline["per_item"]] != \
+        [it["generation"] for it in plain["per_item"]]  # the edit did act

@@ -2,14 +2,16 @@
 from __future__ import annotations
 
 import dataclasses
+import random
 
 import pytest
 import torch
-from conftest import make_tiny
 
 from sw_lib import data
 from sw_lib.evaluate import TASKS, run_task
 from sw_lib.evaluate.tasks import extract_flexible, extract_strict, gsm8k_prompt, normalize_answer
+
+from conftest import make_tiny
 
 STOPS = ("Question:", "</s>", "<|im_end|>")
 
@@ -41,9 +43,11 @@ def test_gsm8k_generation_equals_greedy_loop(tokenizer, shots, batch_size, tmp_p
                       progress=False)
     assert result["task"] == "gsm8k" and result["primary_metric"] == "strict-match"
     assert set(result["metrics"]) == {"strict-match", "flexible-extract"}
-    train = data.load_split("gsm8k/train")[:shots]
+    train = data.load_split("gsm8k/train")
+    draw = random.Random(1234)  # lm-eval's sampler: seeded once, one draw per item in turn
     for (doc_id, row), item in zip(data.select_items("gsm8k/test", 2).items, result["per_item"]):
-        expected = greedy_reference(lm, gsm8k_prompt(row, train), 6)
+        shot_rows = draw.sample(train, shots) if shots else []
+        expected = greedy_reference(lm, gsm8k_prompt(row, shot_rows), 6)
         assert item["doc_id"] == doc_id and item["generation"] == expected
         assert item["pred"] == {"strict-match": extract_strict(expected),
                                 "flexible-extract": extract_flexible(expected)}

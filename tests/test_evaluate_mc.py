@@ -3,13 +3,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import make_tiny
 
 from sw_lib import data
 from sw_lib.evaluate import TASKS, run_task
 from sw_lib.evaluate.engine import build_requests
 from sw_lib.evaluate.multiple_choice import encode_pair
 
+from conftest import make_tiny
 
 
 def reference_encode(tokenizer, context: str, continuation: str):

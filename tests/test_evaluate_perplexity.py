@@ -5,11 +5,12 @@ import math
 
 import pytest
 import torch
-from conftest import make_tiny
 
 from sw_lib import data
 from sw_lib.evaluate import perplexity
 from sw_lib.evaluate.perplexity import RESERVED_TAIL_TOKENS, window_indices
+
+from conftest import make_tiny
 
 TEXT = ("Robert Boulter is an English film, television and theatre actor. He had a guest starring "
         "role on the television series The Bill in 2000. This was followed by a starring role in "

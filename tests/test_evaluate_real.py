@@ -5,8 +5,7 @@ import pytest
 import torch
 
 from sw_lib.ablate import WeightEdit
-from sw_lib.evaluate import perplexity, run_task
-from sw_lib.evaluate import forward
+from sw_lib.evaluate import forward, perplexity, run_task
 
 SUPER_WEIGHT = WeightEdit(layer=11, row=507, column=1229)  # largest spike pair of SmolLM2-135M
 
@@ -47,3 +46,26 @@ def test_real_model_mc_and_perplexity_equal_plain_forward(smol, tmp_path):
     assert zeroed["perplexity"] > 3 * ppl["perplexity"]
     again = perplexity(smol, seq_len=256, n_windows=2, cache=False, progress=False)
     assert again["perplexity"] == pytest.approx(ppl["perplexity"], rel=1e-6)
+
+
+@torch.no_grad()
+def test_real_model_gsm8k_equals_generate_one_prompt_at_a_time(smol):
+    """Batched cached generation gives the text of transformers' generate, one prompt at a
+    time, with the stop strings checked by generate (lm-eval's batch-1 computation)."""
+    from sw_lib import data
+    from sw_lib.evaluate import TASKS, generation
+    from sw_lib.evaluate.engine import build_requests
+
+    spec = TASKS["gsm8k"]
+    result = run_task(smol, "gsm8k", 4, cache=False, progress=False)
+    requests = build_requests(spec, data.select_items(spec.split, 4).items, spec.default_shots)
+    stops = list(spec.until) + [smol.tokenizer.eos_token]
+    for request, item in zip(requests, result["per_item"]):
+        ids = torch.tensor([smol.tokenizer.encode(request.context)])
+        out = smol.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
+                                  max_new_tokens=spec.max_gen_toks, do_sample=False,
+                                  stop_strings=stops, tokenizer=smol.tokenizer,
+                                  pad_token_id=smol.tokenizer.pad_token_id, temperature=None,
+                                  top_p=None, top_k=None)
+        text = smol.tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+        assert item["generation"] == generation.truncate_at_stops(text, stops)

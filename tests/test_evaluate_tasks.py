@@ -9,7 +9,12 @@ import pytest
 from sw_lib import data
 from sw_lib.evaluate import TASKS, UnknownTaskError, get_task, mean_stderr, run_task
 from sw_lib.evaluate.tasks import (
-    INVALID, extract_flexible, extract_strict, gsm8k_prompt, hellaswag_preprocess, mmlu_prompt,
+    INVALID,
+    extract_flexible,
+    extract_strict,
+    gsm8k_prompt,
+    hellaswag_preprocess,
+    mmlu_prompt,
     normalize_answer,
 )
 
@@ -46,7 +51,7 @@ def test_mmlu_k_shot_uses_the_first_dev_rows_of_the_same_subject():
     sel = data.select_items("mmlu/test", 3)  # abstract_algebra, anatomy, astronomy
     dev = data.load_split("mmlu/dev")
     requests = build_requests(TASKS["mmlu"], sel.items, shots=2)
-    for (doc_id, row), request in zip(sel.items, requests):
+    for (_, row), request in zip(sel.items, requests):
         shots = [r for r in dev if r["subject"] == row["subject"]][:2]
         assert request.context == mmlu_prompt(row, shots)
         assert shots[0]["question"].strip() in request.context
@@ -145,3 +150,37 @@ def test_stderr_is_sample_std_over_sqrt_n():
     values = [1, 0, 0, 1, 1, 1, 0, 1]
     assert mean_stderr(values) == pytest.approx(np.std(values, ddof=1) / math.sqrt(len(values)))
     assert mean_stderr([1]) is None
+
+
+# Train-row indices of the 5-shot exemplars lm-eval 0.4.13 put in the prompts of GSM8K test
+# items 0, 1 and 2 (read from its logged prompts by benchmarks/compare_lm_eval.py, which found
+# all prompts identical to the engine's).
+LM_EVAL_GSM8K_SHOTS = {0: [6374, 3610, 957, 61, 742], 1: [7462, 6610, 4769, 286, 5501],
+                       2: [5677, 687, 806, 6279, 2905]}
+
+
+def test_gsm8k_exemplars_follow_lm_eval_sampler():
+    """Seeded once (1234), one draw of 5 train rows per test item in turn: item i's exemplars
+    depend on i, not on which other items are evaluated."""
+    import random
+
+    from sw_lib.evaluate.engine import build_requests
+
+    train = data.load_split("gsm8k/train")
+    items = data.select_items("gsm8k/test", 6).items
+    requests = build_requests(TASKS["gsm8k"], items, shots=5)
+    # lm-eval's ContextSampler, written out: Random(seed), then rnd.sample(docs, 5) per document.
+    rnd = random.Random(1234)
+    for (doc_id, row), request in zip(items, requests):
+        shots = rnd.sample(train, 5)
+        expected = "".join(f"Question: {s['question']}\nAnswer: {s['answer']}\n\n" for s in shots)
+        assert request.context == expected + f"Question: {row['question']}\nAnswer:"
+        if doc_id in LM_EVAL_GSM8K_SHOTS:
+            assert shots == [train[i] for i in LM_EVAL_GSM8K_SHOTS[doc_id]]
+    # Addressable per item: item 4 alone gets the exemplars it gets among items 0..5.
+    alone = build_requests(TASKS["gsm8k"], [items[4]], shots=5)
+    assert alone[0].context == requests[4].context
+    assert requests[0].context != requests[1].context.replace(items[1][1]["question"],
+                                                              items[0][1]["question"])
+    # The protocol changed from "the first train rows": a new cache key.
+    assert TASKS["gsm8k"].version == 2 and TASKS["gsm8k"].key(5)["fewshot_sampler"] == "default"

@@ -9,8 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from sw_lib import ablate, arch, explorer
+
+import tiny
 from conftest import assert_bit_identical, make_tiny, weights_snapshot
-from sw_lib import ablate, arch, explorer, tiny
 
 ROOT = Path(__file__).resolve().parents[1]
 PLANTED = (1, 7, 11)  # layer, row, column

@@ -24,8 +24,8 @@ DETECTION = {
     "verdict_rule": {"super_ratio": 2.0},
     "candidates": [_candidate(11, 507, 1229, "super_weight", 6.79, [5.76, 8.19], 1.10),
                    _candidate(2, 507, 90, "contributor", 1.66, [1.50, 1.85], 1.44),
-                   *[_candidate(l, 903, 3 + l, "no_effect", r, [0.99, 1.01])
-                     for l, r in ((27, 0.998), (28, 1.0), (29, 1.0102))]],
+                   *[_candidate(layer, 903, 3 + layer, "no_effect", r, [0.99, 1.01])
+                     for layer, r in ((27, 0.998), (28, 1.0), (29, 1.0102))]],
     "iterations": [],
 }
 

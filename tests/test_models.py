@@ -1,14 +1,17 @@
 """Model loading: the embedded default (GGUF + cache), folders, and one-line errors."""
 from __future__ import annotations
 
+import importlib.util
 import subprocess
 import sys
 
 import pytest
 import torch
 
-from sw_lib import arch, models, tiny
+from sw_lib import arch, models
 from sw_lib.models import ModelLoadError
+
+import tiny
 
 
 def test_default_alias_locates_the_packaged_gguf_without_importing_it():
@@ -24,7 +27,7 @@ def test_default_alias_locates_the_packaged_gguf_without_importing_it():
 def test_default_model_loads_from_cache_with_stable_fingerprint(smol):
     assert smol.family.name == "llama" and arch.num_layers(smol.model) == 30
     assert smol.dtype == torch.float32 and smol.source == "gguf"
-    again = models.load_model("smollm2-135m")
+    again = models.load_model("smollm2-135m", dtype="float32")
     assert again.info["cache_hit"] and again.fingerprint == smol.fingerprint
     assert again.load_seconds < 15  # the dequantized cache, not a 20 s GGUF conversion
 
@@ -42,7 +45,7 @@ def test_gguf_cache_is_rebuilt_from_the_file(tmp_path, monkeypatch):
 def test_local_folder_loads_and_fingerprint_tracks_weights(tmp_path, tokenizer):
     model = tiny.tiny_model("qwen2", vocab_size=len(tokenizer))
     folder = tiny.save_tiny(model, tokenizer, tmp_path / "tiny-qwen2")
-    lm = models.load_model(str(folder))
+    lm = models.load_model(str(folder), dtype="float32")  # as saved ("auto" may pick bf16)
     assert lm.source == "folder" and lm.family.name == "qwen2" and lm.slug == "tiny-qwen2"
     assert lm.fingerprint == models.fingerprint(model)
     with torch.no_grad():
@@ -92,7 +95,8 @@ def test_bad_dtype_and_device():
         models.choose_dtype("float8")
     with pytest.raises(ModelLoadError, match="device 'tpu'"):
         models.choose_device("tpu")
-    assert models.choose_dtype("auto", torch.device("cpu")) == torch.float32
+    expected = torch.bfloat16 if models.cpu_has_bf16_matrix_units() else torch.float32
+    assert models.choose_dtype("auto", torch.device("cpu")) == expected
 
 
 def test_remote_code_is_off_by_default(tmp_path):
@@ -144,8 +148,6 @@ def test_chunked_alias_with_wrong_checksum_or_missing_part_leaves_no_file(tmp_pa
     with pytest.raises(ModelLoadError, match="chunk .*f.part01 is missing"):
         models.locate_alias("fake-chunked")
 
-
-import importlib.util  # noqa: E402
 
 _GEMMA = models.ALIASES["gemma3-270m"]
 gemma_installed = pytest.mark.skipif(

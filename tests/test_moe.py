@@ -11,9 +11,12 @@ import math
 import pytest
 import torch
 
-from sw_lib import ablate, arch, detect, moe, reference, tiny, tiny_moe
-from sw_lib.plots import moe as moe_plots
+from sw_lib import ablate, arch, detect, moe, reference
 from sw_lib.moe.super_weights import _reasons
+from sw_lib.plots import moe as moe_plots
+
+import tiny
+import tiny_moe
 from conftest import assert_bit_identical, make_tiny, weights_snapshot
 
 MOE_TYPES = ["mixtral", "qwen2_moe", "olmoe", "qwen3_moe", "deepseek_v2", "deepseek_v3"]

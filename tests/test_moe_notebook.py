@@ -8,7 +8,10 @@ import nbformat
 import papermill as pm
 import pytest
 
-from sw_lib import ablate, moe, tiny, tiny_moe
+from sw_lib import ablate, moe
+
+import tiny
+import tiny_moe
 from conftest import make_tiny
 
 NOTEBOOK = Path(__file__).resolve().parent.parent / "notebooks" / "04_moe_routing.ipynb"

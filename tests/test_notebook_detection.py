@@ -8,7 +8,7 @@ import nbformat
 import papermill as pm
 import pytest
 
-from sw_lib import tiny
+import tiny
 
 NOTEBOOK = Path(__file__).resolve().parents[1] / "notebooks" / "01_detection.ipynb"
 

@@ -93,7 +93,7 @@ def _detection(lm, weights: list[dict]) -> dict:
 @pytest.fixture(scope="module")
 def tiny_folder(tmp_path_factory, tokenizer):
     """A tiny Llama with two planted super weights, saved as a folder load_model accepts."""
-    from sw_lib.tiny import plant_super_weight, save_tiny, tiny_model
+    from tiny import plant_super_weight, save_tiny, tiny_model
 
     model = tiny_model("llama", vocab_size=len(tokenizer))
     ids = tokenizer(PROMPT, return_tensors="pt").input_ids

@@ -7,7 +7,7 @@ from pathlib import Path
 import papermill
 import pytest
 
-from sw_lib import tiny
+import tiny
 
 ROOT = Path(__file__).resolve().parents[1]
 TS = "20250102_030405"
@@ -41,7 +41,7 @@ def _run(name: str, out: Path, folder: Path, **params) -> str:
 
 
 def test_super_weights_by_default_contributors_on_request(folder, tmp_path):
-    candidates = [_candidate(l, r, c, v) for v, (l, r, c) in tiny.VERDICT_EXAMPLES.items()]
+    candidates = [_candidate(layer, r, c, v) for v, (layer, r, c) in tiny.VERDICT_EXAMPLES.items()]
     detection = {"schema": "sw-detection/2", "model": "tiny-verdicts", "fingerprint": None,
                  "candidates": candidates, "super_weights": [candidates[0]],
                  "contributors": [candidates[1]], "verdict_rule": {"super_ratio": 2.0},

@@ -101,7 +101,7 @@ def stand_in_notebooks(folder: Path) -> Path:
 def tiny_folder(path: Path, model_type: str = "llama") -> str:
     """A local model folder (config.json and weights) of a tiny random model; the stand-in
     notebooks only read its config."""
-    from sw_lib import tiny
+    import tiny
 
     tiny.tiny_model(model_type, vocab_size=128).save_pretrained(path)
     return str(path)

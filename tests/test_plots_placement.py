@@ -8,7 +8,8 @@ import matplotlib
 import pytest
 from matplotlib.text import Text
 
-from sw_lib.plots import comparison, detection as detection_plots
+from sw_lib.plots import comparison
+from sw_lib.plots import detection as detection_plots
 
 matplotlib.use("Agg")
 

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import make_tiny
 
 from sw_lib import config, reference
 from sw_lib.evaluate import perplexity
 from sw_lib.evaluate.perplexity import RESERVED_TAIL_TOKENS, select_windows, tokens_of
+
+from conftest import make_tiny
 
 
 def test_reference_is_the_tail_of_the_perplexity_token_stream(tokenizer):

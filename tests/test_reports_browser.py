@@ -18,8 +18,10 @@ from pathlib import Path
 
 import pytest
 
+from sw_lib import cli, results
+
+import tiny
 from browser import Browser, find_chromium
-from sw_lib import cli, results, tiny
 
 PLANTED = (1, 7, 11)
 SHOTS = os.environ.get("SW_BROWSER_SHOTS")  # a folder to keep the screenshots in

@@ -8,11 +8,12 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest import assert_bit_identical, weights_snapshot
 
 from sw_lib import study
 from sw_lib.ablate import WeightEdit
-from sw_lib.evaluate import prefix, stats
+from sw_lib.evaluate import stats
+
+from conftest import assert_bit_identical, weights_snapshot
 
 # --- severity ------------------------------------------------------------------------------
 
@@ -247,7 +248,7 @@ PLANTED = [_w(1, 5, 7), _w(2, 11, 20), _w(2, 13, 20)]  # the last two share colu
 
 
 def _planted_model(tokenizer):
-    from sw_lib.tiny import plant_super_weight, tiny_model
+    from tiny import plant_super_weight, tiny_model
 
     model = tiny_model("llama", vocab_size=len(tokenizer))
     ids = tokenizer(PROMPT, return_tensors="pt").input_ids
@@ -295,7 +296,7 @@ def test_individual_and_combined_equal_brute_force_zeroing(planted, tmp_path):
     before = weights_snapshot(planted.model)
     settings = study.StudySettings(**SETTINGS)
     cache = EvalCache(tmp_path / "eval")
-    reused = prefix.STORE.reused
+    reused = cache.states.reused
     # As the notebooks do: the baseline keeps the edited layers' inputs (layers 1 and 2).
     baseline = study.evaluate_condition(planted, [], settings, cache, keep_layers={1, 2})
     individual = study.individual_ablation(planted, PLANTED, settings, cache=cache,
@@ -303,7 +304,7 @@ def test_individual_and_combined_equal_brute_force_zeroing(planted, tmp_path):
     combined = study.combined_ablation(planted, PLANTED, settings, cache=cache, baseline=baseline)
     # Every ablated batch (4 conditions x 1 perplexity batch + 1 arc_easy batch) started at its
     # edited layer, and the results below still equal brute-force zeroing.
-    assert prefix.STORE.reused - reused == 4 * 2
+    assert cache.states.reused - reused == 4 * 2
 
     # The baseline was evaluated once: 4 conditions, every item computed, nothing looked up twice.
     per_condition = settings.perplexity_samples + settings.accuracy_samples

@@ -38,7 +38,8 @@ def test_a_test_past_its_limit_fails_instead_of_hanging(tmp_path):
         "def test_quick():\n    assert True\n")
     out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
                           str(tmp_path)], capture_output=True, text=True, timeout=110,
-                         cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(TESTS.parent)})
+                         cwd=tmp_path, env={**os.environ,
+                              "PYTHONPATH": os.pathsep.join([str(TESTS.parent), str(TESTS)])})
     assert out.returncode == 1, out.stdout + out.stderr
     assert "TimeoutError: test_stuck.py::test_stuck ran past its 3 s limit" in out.stdout
     assert "1 failed, 1 passed" in out.stdout

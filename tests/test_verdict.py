@@ -7,7 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from sw_lib import ablate, arch, detect, models, reference, tiny, verdict
+from sw_lib import ablate, arch, detect, edits, models, reference, verdict
+
+import tiny
 from conftest import assert_bit_identical, weights_snapshot
 
 PROMPT = "Apple Inc. is a worldwide tech company."
@@ -242,11 +244,11 @@ def test_a_skipped_expert_is_a_condition_like_any_weight_edit(tokenizer):
     ids = reference.reference_text(tokenizer, 64).ids
     layer = arch.moe_layers(model)[1]
     meter = reference.Meter(model, ids, [layer])
-    skip = reference.Condition.skipping([(layer, 3)])
+    skip = edits.EditSet.skipping([(layer, 3)])
     with ablate.experts_skipped(model, [(layer, 3)]):
         expected = reference.token_nll(model, ids)
     assert torch.allclose(meter.nll(skip), expected, atol=1e-5)
-    controls = [({"layer": layer, "expert": e}, reference.Condition.skipping([(layer, e)]))
+    controls = [({"layer": layer, "expert": e}, edits.EditSet.skipping([(layer, e)]))
                 for e in (0, 1)]
     (judged,) = verdict.judge(meter, [verdict.Case(skip, controls)], progress=False)
     # Random experts: whatever the verdict, it follows the rule, and the control experts were

@@ -14,6 +14,8 @@ import os
 import uuid
 from pathlib import Path
 
+from .prefix import DEFAULT_BUDGET, LayerStates
+
 # Bump when the engine's numerics or per-item result format change (invalidates old entries).
 ENGINE_VERSION = 1
 
@@ -23,20 +25,27 @@ def digest(obj) -> str:
     return hashlib.blake2b(text.encode(), digest_size=12).hexdigest()
 
 
-def condition_key(lm, edits_key: tuple, task_key: dict) -> dict:
-    """Everything a cached result depends on, as plain JSON."""
-    return {"engine": ENGINE_VERSION, "model": lm.fingerprint, "edits": [list(e) for e in edits_key],
+def condition_key(lm, fingerprint: str, edits_key: tuple, task_key: dict) -> dict:
+    """Everything a cached result depends on, as plain JSON (`fingerprint`: of the weights the
+    edits apply to, see weights.py)."""
+    return {"engine": ENGINE_VERSION, "model": fingerprint, "edits": [list(e) for e in edits_key],
             "task": task_key, "dtype": str(lm.dtype), "device": lm.device.type,
             "tokenizer": type(lm.tokenizer).__name__ + f"/{len(lm.tokenizer)}"}
 
 
 class EvalCache:
-    """Per-item results under `root/<model fingerprint>/<task>/<condition digest>.json`."""
+    """Per-item results under `root/<model fingerprint>/<task>/<condition digest>.json`.
 
-    def __init__(self, root: str | Path):
+    `states` is the in-memory companion of the files: the layer inputs kept by one condition
+    for the next ones to start at their edited layer (prefix.py); it lives as long as this
+    object, so pass the same EvalCache to every condition of a study.
+    """
+
+    def __init__(self, root: str | Path, states_budget: int = DEFAULT_BUDGET):
         self.root = Path(root)
         self.hits = 0
         self.misses = 0
+        self.states = LayerStates(states_budget)
 
     @classmethod
     def default(cls) -> "EvalCache":

@@ -1,21 +1,22 @@
 """`run_task`: evaluate one condition (model + weight edits) on one task, reusing the cache.
 
-Flow: pick the items (sw_lib.data), look their results up in the cache, build and score only
-the missing ones with the edits applied (restored afterwards), store them, then aggregate
-every metric with its standard error over the selected items.
+Flow: pick the items (sw_lib.data), find which weights the model holds now (weights.py: the
+caller's own edits count), look the items' results up in the cache, build and score only the
+missing ones with the edits applied (restored afterwards), store them, then aggregate every
+metric with its standard error over the selected items.
 """
 from __future__ import annotations
 
-import contextlib
 import time
 from typing import Iterable
 
 from tqdm.auto import tqdm
 
 from .. import ablate, data
-from . import cache as cache_mod
 from . import generation, multiple_choice
-from .prefix import planned
+from .batching import DEFAULT_BATCH_SIZE, DEFAULT_TOKEN_BUDGET
+from .condition import open_condition
+from .prefix import Plan
 from .stats import summarize
 from .tasks import TaskSpec, fewshot_rows, get_task
 
@@ -33,21 +34,23 @@ def _check_shots(spec: TaskSpec, shots: int | None) -> int:
 def build_requests(spec: TaskSpec, items: list[tuple[int, dict]], shots: int,
                    source: str = "bundled") -> list:
     pool = data.load_split(spec.fewshot_split, source) if shots else []
-    return [spec.build(row, doc_id, fewshot_rows(spec, row, shots, pool)) for doc_id, row in items]
+    exemplars = fewshot_rows(spec, items, shots, pool)
+    return [spec.build(row, doc_id, exemplars[doc_id]) for doc_id, row in items]
 
 
-def _compute(lm, spec: TaskSpec, requests: list, batch_size: int, progress: bool,
-             label: str) -> dict[str, dict]:
+def _compute(lm, spec: TaskSpec, requests: list, batch_size: int, token_budget: int,
+             plan: Plan | None, progress: bool, label: str) -> dict[str, dict]:
     """Per-item results of `requests` (edits already applied by the caller)."""
     bar = tqdm(total=len(requests), desc=label, unit="item", disable=not progress)
     try:
         if spec.output == "multiple_choice":
             encoded = [multiple_choice.encode_request(lm.tokenizer, r) for r in requests]
-            sums = multiple_choice.choice_loglikelihoods(lm.model, encoded, batch_size, bar.update)
+            sums = multiple_choice.choice_loglikelihoods(lm.model, encoded, token_budget,
+                                                         bar.update, plan, batch_size)
             return {str(r.doc_id): multiple_choice.item_result(r, sums[r.doc_id], spec.metrics)
                     for r in requests}
         texts = generation.generate(lm.model, lm.tokenizer, requests, spec.until,
-                                    spec.max_gen_toks, batch_size, bar.update)
+                                    spec.max_gen_toks, token_budget, batch_size, bar.update, plan)
         return {str(r.doc_id): generation.item_result(r, texts[r.doc_id], spec.metrics)
                 for r in requests}
     finally:
@@ -55,25 +58,30 @@ def _compute(lm, spec: TaskSpec, requests: list, batch_size: int, progress: bool
 
 
 def run_task(lm, task: str | TaskSpec, n_samples: int | None = None, edits=(), cache=None,
-             shots: int | None = None, batch_size: int = 8, progress: bool = True,
-             source: str = "bundled", keep_layers: Iterable[int] = ()) -> dict:
+             shots: int | None = None, batch_size: int | None = DEFAULT_BATCH_SIZE,
+             progress: bool = True,
+             source: str = "bundled", keep_layers: Iterable[int] = (),
+             token_budget: int = DEFAULT_TOKEN_BUDGET) -> dict:
     """Evaluate `lm` with `edits` applied on the first `n_samples` items of `task`.
 
     task: a name in TASKS or a TaskSpec; shots: None = the task's default (MMLU 0, GSM8K 5);
     cache: None = EvalCache.default(), False = no cache, or an EvalCache / folder.
-    keep_layers: layers whose inputs this run keeps in memory, so that a later condition
-    edited at such a layer starts there (prefix.py); pass the super weights' layers while
-    evaluating the baseline. Inactive with cache=False.
+    batch_size, token_budget: items per forward pass, at most `batch_size` (None: no cap) and
+    at most `token_budget` padded tokens (generation counts prompt + max_gen_toks per row).
+    keep_layers: layers whose inputs this run keeps in the cache's memory (`EvalCache.states`),
+    so that a later condition edited at such a layer starts there (prefix.py); pass the super
+    weights' layers while evaluating the baseline, and the same EvalCache to every condition.
+    Inactive with cache=False. Weights the caller edited around the call are part of the key.
     """
     start_time = time.perf_counter()
     spec = get_task(task)
     shots = _check_shots(spec, shots)
     edits = list(edits)
     selection = data.select_items(spec.split, n_samples, source)
-    store = cache_mod.resolve(cache)
-    key = cache_mod.condition_key(lm, ablate.edits_key(edits),
-                                  {**spec.key(shots), "source": source})
-    found, missing_ids = (store.lookup(key, selection.doc_ids) if store
+    condition = open_condition(lm, edits, {**spec.key(shots), "source": source}, cache,
+                               keep_layers)
+    store = condition.store
+    found, missing_ids = (store.lookup(condition.key, selection.doc_ids) if store
                           else ({}, selection.doc_ids))
 
     computed: dict[str, dict] = {}
@@ -81,12 +89,11 @@ def run_task(lm, task: str | TaskSpec, n_samples: int | None = None, edits=(), c
         missing = set(missing_ids)
         requests = build_requests(spec, [it for it in selection.items if it[0] in missing],
                                   shots, source)
-        label = f"{spec.name} ({len(edits)} edits)" if edits else f"{spec.name} (baseline)"
-        plan = planned(lm.fingerprint, edits, keep_layers) if store else contextlib.nullcontext()
-        with ablate.edited(lm.model, edits), plan:
-            computed = _compute(lm, spec, requests, batch_size, progress, label)
+        with ablate.edited(lm.model, edits):
+            computed = _compute(lm, spec, requests, batch_size, token_budget, condition.plan,
+                                progress, condition.label(spec.name))
         if store:
-            store.store(key, computed)
+            store.store(condition.key, computed)
 
     results = {**found, **computed}
     per_item = [results[str(doc_id)] for doc_id in selection.doc_ids]
@@ -101,5 +108,5 @@ def run_task(lm, task: str | TaskSpec, n_samples: int | None = None, edits=(), c
                  "description": spec.description, "computed_items": len(computed),
                  "cached_items": len(found), "seconds": seconds,
                  "items_per_second": len(computed) / seconds if computed and seconds else None,
-                 "cache": str(store.path(key)) if store else None},
+                 **condition.info()},
     }

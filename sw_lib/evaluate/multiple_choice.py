@@ -7,9 +7,12 @@ tokens (SmolLM2 adds none). The model reads context + continuation minus its las
 
 Speed: a question is one packed row, its context once and each choice's tokens as a branch
 that sees the context (forward.packed_mask), so the context is encoded once for all choices;
-the LM head runs only where a continuation token is predicted. Questions too long for the
-model, or models that fail `forward.fast_path_ok`, fall back to one row per (question, choice)
-through the model's plain forward, exactly as lm-eval computes it.
+the LM head runs only where a continuation token is predicted. Questions whose contexts start
+with the same long token prefix (k-shot MMLU: a subject's description and solved examples)
+share one encoding of it through the key/value cache. Batches are built by length under a
+token budget (batching.py). Questions too long for the model, or models that fail
+`forward.fast_path_ok`, fall back to one row per (question, choice) through the model's plain
+forward, exactly as lm-eval computes it.
 """
 from __future__ import annotations
 
@@ -20,7 +23,12 @@ import torch
 from torch import nn
 
 from . import forward
+from .batching import by_budget
+from .prefix import Plan
 from .tasks import TARGET_DELIMITER, MCRequest
+
+# Shortest token prefix worth encoding once for several questions.
+MIN_SHARED = 32
 
 
 @dataclass
@@ -54,31 +62,28 @@ def encode_request(tokenizer, request: MCRequest) -> Encoded:
     return Encoded(request.doc_id, pairs[0][0], [cont for _, cont in pairs])
 
 
-def max_length(model: nn.Module) -> int:
-    config = model.config
-    for name in ("max_position_embeddings", "n_positions", "max_sequence_length"):
-        if getattr(config, name, None):
-            return int(getattr(config, name))
-    return 2048
-
-
 # --- the two ways to compute a question's choice log-likelihoods -------------------------
 
 
 @torch.no_grad()
-def _packed_batch(model: nn.Module, batch: list[Encoded], device) -> list[list[float]]:
-    """One row per question: context, then each choice's tokens (all but the last) as a branch."""
-    length = max(e.packed_length for e in batch)
+def _packed_batch(model: nn.Module, batch: list[Encoded], device, plan: Plan | None,
+                  shared: int = 0, past=None) -> list[list[float]]:
+    """One row per question: context, then each choice's tokens (all but the last) as a branch.
+
+    shared: the first `shared` context tokens are the same for every question of the batch
+    and already encoded in `past` (their keys and values); the row starts after them.
+    """
+    length = max(e.packed_length for e in batch) - shared
     ids = torch.zeros(len(batch), length, dtype=torch.long)
     segments = torch.full((len(batch), length), -1, dtype=torch.long)
     positions = torch.zeros(len(batch), length, dtype=torch.long)
     rows, cols, targets, owners = [], [], [], []  # owners: (question, choice) of each target
     for b, enc in enumerate(batch):
         c = len(enc.context)
-        ids[b, :c] = torch.tensor(enc.context)
-        segments[b, :c] = 0
-        positions[b, :c] = torch.arange(c)
-        cursor = c
+        ids[b, :c - shared] = torch.tensor(enc.context[shared:])
+        segments[b, :c - shared] = 0
+        positions[b, :c - shared] = torch.arange(shared, c)
+        cursor = c - shared
         for j, cont in enumerate(enc.continuations):
             branch = cont[:-1]
             n = len(branch)
@@ -87,11 +92,12 @@ def _packed_batch(model: nn.Module, batch: list[Encoded], device) -> list[list[f
             positions[b, cursor:cursor + n] = torch.arange(c, c + n)
             # cont[0] is predicted at the context's last token, cont[i] at branch token i - 1.
             rows.extend([b] * len(cont))
-            cols.extend([c - 1] + list(range(cursor, cursor + n)))
+            cols.extend([c - shared - 1] + list(range(cursor, cursor + n)))
             targets.extend(cont)
             owners.extend([(b, j)] * len(cont))
             cursor += n
-    hidden = forward.packed_hidden(model, ids.to(device), segments.to(device), positions.to(device))
+    hidden = forward.packed_hidden(model, plan, ids.to(device), segments.to(device),
+                                   positions.to(device), past)
     picked = hidden[torch.tensor(rows, device=device), torch.tensor(cols, device=device)]
     logp = forward.token_logprobs(model, picked, torch.tensor(targets, device=device)).tolist()
     sums = [[0.0] * len(e.continuations) for e in batch]
@@ -127,30 +133,86 @@ def _plain_rows(model: nn.Module, batch: list[Encoded], device, limit: int) -> l
     return sums
 
 
-def choice_loglikelihoods(model: nn.Module, encoded: list[Encoded], batch_size: int = 8,
-                          on_batch: Callable[[int], None] | None = None) -> dict[int, list[float]]:
-    """Summed continuation log-likelihood of every choice, by doc_id."""
+# --- which questions share a prefix ----------------------------------------------------------
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = min(len(a), len(b))
+    for i in range(n):
+        if a[i] != b[i]:
+            return i
+    return n
+
+
+def shared_prefix_groups(encoded: list[Encoded], min_shared: int = MIN_SHARED
+                         ) -> list[tuple[int, list[Encoded]]]:
+    """(shared token count, questions) groups: questions whose contexts start with the same
+    `shared` >= min_shared tokens (k-shot MMLU: one subject's description and solved
+    examples); every other question alone with 0. Found on the tokens themselves, so a
+    tokenizer that merges across the prefix's end never shares a wrong prefix. At least the
+    last context token of every question stays outside the prefix (it predicts the answer)."""
+    ordered = sorted(encoded, key=lambda e: e.context)
+    groups: list[tuple[int, list[Encoded]]] = []
+    run: list[Encoded] = []
+    shared = 0
+    for enc in ordered + [None]:
+        if enc is not None and run:
+            common = min(shared, _common_prefix(run[0].context, enc.context), len(enc.context) - 1)
+            if common >= min_shared:
+                run.append(enc)
+                shared = common
+                continue
+        if len(run) > 1:
+            groups.append((shared, run))
+        else:
+            groups.extend((0, [e]) for e in run)
+        run = [enc] if enc is not None else []
+        shared = len(enc.context) - 1 if enc is not None else 0
+    return groups
+
+
+def choice_loglikelihoods(model: nn.Module, encoded: list[Encoded], token_budget: int,
+                          on_batch: Callable[[int], None] | None = None,
+                          plan: Plan | None = None, max_rows: int | None = None
+                          ) -> dict[int, list[float]]:
+    """Summed continuation log-likelihood of every choice, by doc_id.
+
+    Batches hold questions of similar length, at most `token_budget` padded tokens (and
+    `max_rows` questions); questions that share a long prefix are scored after one encoding
+    of it. `plan` lets ablated conditions start at their edited layer (prefix.py).
+    """
     device = next(model.parameters()).device
-    limit = max_length(model)
+    limit = forward.max_length(model)
     fast = forward.fast_path_ok(model)
     packable = [e for e in encoded if fast and e.packed_length <= limit
                 and forward.packing_allowed(model, e.packed_length)
                 and max(len(e.context) + len(c) for c in e.continuations) <= limit + 1]
     packed_ids = {id(e) for e in packable}
     plain = [e for e in encoded if id(e) not in packed_ids]
+    groups = shared_prefix_groups(packable)
+    if any(shared for shared, _ in groups) and not forward.shared_prefix_ok(model):
+        groups = [(0, [e for _, members in groups for e in members])]
     results: dict[int, list[float]] = {}
-    # Longest first (as lm-eval): similar lengths share a batch, little padding.
-    for group, run in ((packable, _packed_batch), (plain, None)):
-        group = sorted(group, key=lambda e: -e.packed_length)
-        step = batch_size if run is not None else max(1, batch_size // 2)
-        for start in range(0, len(group), step):
-            batch = group[start:start + step]
-            sums = (run(model, batch, device) if run is not None
-                    else _plain_rows(model, batch, device, limit))
-            for enc, s in zip(batch, sums):
-                results[enc.doc_id] = s
-            if on_batch:
-                on_batch(len(batch))
+
+    def done(batch, sums):
+        for enc, s in zip(batch, sums):
+            results[enc.doc_id] = s
+        if on_batch:
+            on_batch(len(batch))
+
+    singles = [e for shared, members in groups if not shared for e in members]
+    for batch in by_budget(singles, lambda e: e.packed_length, token_budget, max_rows):
+        done(batch, _packed_batch(model, batch, device, plan))
+    for shared, members in groups:
+        if not shared:
+            continue
+        past = forward.encode_prefix(model, members[0].context[:shared])
+        for batch in by_budget(members, lambda e: e.packed_length - shared, token_budget, max_rows):
+            done(batch, _packed_batch(model, batch, device, plan, shared, past))
+    # lm-eval's one row per choice: a choice is a row, so the budget counts every choice.
+    for batch in by_budget(plain, lambda e: e.packed_length * len(e.continuations),
+                           token_budget, max_rows):
+        done(batch, _plain_rows(model, batch, device, limit))
     return results
 
 

@@ -15,7 +15,6 @@ first N, and are the same on every run.
 """
 from __future__ import annotations
 
-import contextlib
 import math
 import time
 from typing import Iterable
@@ -26,8 +25,9 @@ from tqdm.auto import tqdm
 from .. import ablate, data
 from . import cache as cache_mod
 from . import forward
-from .multiple_choice import max_length
-from .prefix import planned, run_decoder
+from .batching import DEFAULT_BATCH_SIZE, DEFAULT_TOKEN_BUDGET
+from .condition import open_condition
+from .prefix import Plan, run_decoder
 
 # Tokens at the end of the WikiText-2 stream kept for detection's reference text (its longest).
 RESERVED_TAIL_TOKENS = 1024
@@ -70,12 +70,12 @@ def select_windows(total_tokens: int, seq_len: int, n_windows: int | None,
 
 
 @torch.no_grad()
-def window_nll(model, windows: torch.Tensor) -> list[float]:
+def window_nll(model, windows: torch.Tensor, plan: Plan | None = None) -> list[float]:
     """Summed next-token NLL of each row of `windows` [B, L] (L - 1 predictions per row)."""
     device = next(model.parameters()).device
     windows = windows.to(device)
     if forward.fast_path_ok(model):
-        hidden = run_decoder(model, input_ids=windows, use_cache=False)
+        hidden = run_decoder(model, plan, input_ids=windows, use_cache=False)
         b, length, h = hidden.shape
         logp = forward.token_logprobs(model, hidden[:, :-1].reshape(-1, h),
                                       windows[:, 1:].reshape(-1))
@@ -94,18 +94,21 @@ def _exp(x: float) -> float:
 
 
 def perplexity(lm, edits=(), seq_len: int = 2048, n_windows: int | None = None,
-               batch_size: int = 1, cache=None, progress: bool = True, source: str = "bundled",
-               text: str | None = None, keep_layers: Iterable[int] = ()) -> dict:
+               batch_size: int | None = DEFAULT_BATCH_SIZE, cache=None, progress: bool = True,
+               source: str = "bundled", text: str | None = None, keep_layers: Iterable[int] = (),
+               token_budget: int = DEFAULT_TOKEN_BUDGET) -> dict:
     """Perplexity of `lm` (with `edits` applied) on WikiText-2 test, or on `text` if given.
 
     cache: None = EvalCache.default(), False = no cache, or an EvalCache / folder.
-    keep_layers: layers whose inputs this run keeps in memory, so that a later condition
-    edited at such a layer starts there (prefix.py); pass the super weights' layers while
-    evaluating the baseline. Inactive with cache=False.
+    batch_size, token_budget: windows per forward pass, at most `batch_size` and at most
+    `token_budget` tokens (one window at least).
+    keep_layers: layers whose inputs this run keeps in the cache's memory (`EvalCache.states`),
+    so that a later condition edited at such a layer starts there (prefix.py); pass the super
+    weights' layers while evaluating the baseline. Inactive with cache=False.
     """
     start_time = time.perf_counter()
     edits = list(edits)
-    seq_len = min(seq_len, max_length(lm.model))
+    seq_len = min(seq_len, forward.max_length(lm.model))
     tokens = tokens_of(lm.tokenizer, text, source)
     total = len(tokens) // seq_len
     if total == 0:
@@ -116,25 +119,25 @@ def perplexity(lm, edits=(), seq_len: int = 2048, n_windows: int | None = None,
     task_key = {**PROTOCOL, "name": "perplexity" if text is None else "perplexity-text",
                 "seq_len": seq_len, "total_tokens": len(tokens), "source": source,
                 "text_digest": None if text is None else cache_mod.digest(text)}
-    store = cache_mod.resolve(cache)
-    key = cache_mod.condition_key(lm, ablate.edits_key(edits), task_key)
-    found, missing = store.lookup(key, chosen) if store else ({}, list(chosen))
+    condition = open_condition(lm, edits, task_key, cache, keep_layers)
+    store = condition.store
+    found, missing = store.lookup(condition.key, chosen) if store else ({}, list(chosen))
 
     computed: dict[str, dict] = {}
     if missing:
-        label = f"perplexity ({len(edits)} edits)" if edits else "perplexity (baseline)"
-        bar = tqdm(total=len(missing), desc=label, unit="window", disable=not progress)
-        plan = planned(lm.fingerprint, edits, keep_layers) if store else contextlib.nullcontext()
-        with ablate.edited(lm.model, edits), plan:
-            for i in range(0, len(missing), batch_size):
-                batch = missing[i:i + batch_size]
+        bar = tqdm(total=len(missing), desc=condition.label("perplexity"), unit="window",
+                   disable=not progress)
+        per_batch = max(1, min(batch_size or len(missing), token_budget // seq_len))
+        with ablate.edited(lm.model, edits):
+            for i in range(0, len(missing), per_batch):
+                batch = missing[i:i + per_batch]
                 windows = torch.tensor([tokens[w * seq_len:(w + 1) * seq_len] for w in batch])
-                for w, nll in zip(batch, window_nll(lm.model, windows)):
+                for w, nll in zip(batch, window_nll(lm.model, windows, condition.plan)):
                     computed[str(w)] = {"window": w, "nll": nll}
                 bar.update(len(batch))
         bar.close()
         if store:
-            store.store(key, computed)
+            store.store(condition.key, computed)
 
     results = {**found, **computed}
     per_window = [results[str(w)]["nll"] for w in chosen]
@@ -152,5 +155,5 @@ def perplexity(lm, edits=(), seq_len: int = 2048, n_windows: int | None = None,
                          "convention": "gptq: rows joined with \\n\\n, non-overlapping windows"},
         "edits": [e.to_dict() for e in edits],
         "info": {"seconds": time.perf_counter() - start_time, "computed_windows": len(computed),
-                 "cached_windows": len(found), "cache": str(store.path(key)) if store else None},
+                 "cached_windows": len(found), **condition.info()},
     }

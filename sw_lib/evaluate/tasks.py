@@ -8,6 +8,7 @@ of every cache key.
 """
 from __future__ import annotations
 
+import random
 import re
 from dataclasses import asdict, dataclass
 from typing import Callable
@@ -50,6 +51,10 @@ class TaskSpec:
     default_shots: int = 0
     fewshot_split: str | None = None
     fewshot_by: str | None = None  # rows of the few-shot split must match the doc on this field
+    # How exemplars are drawn (lm-eval's samplers): "first_n" takes the first rows (of the same
+    # `fewshot_by` group); "default" draws them at random, seeded once, per item in turn.
+    fewshot_sampler: str = "first_n"
+    fewshot_seed: int = 1234  # lm-eval's default fewshot_random_seed
     version: int = 1
     until: tuple[str, ...] = ()
     max_gen_toks: int = 256
@@ -182,9 +187,10 @@ TASKS: dict[str, TaskSpec] = {
                      description="MMLU test (57 subjects, round-robin), k-shot from dev"),
     "gsm8k": TaskSpec("gsm8k", "gsm8k/test", "generate_until",
                       ("strict-match", "flexible-extract"), "strict-match", _gsm8k,
-                      default_shots=5, fewshot_split="gsm8k/train",
-                      until=("Question:", "</s>", "<|im_end|>"), max_gen_toks=256,
-                      description="GSM8K test, 5-shot (first train rows), greedy"),
+                      default_shots=5, fewshot_split="gsm8k/train", fewshot_sampler="default",
+                      version=2, until=("Question:", "</s>", "<|im_end|>"), max_gen_toks=256,
+                      description="GSM8K test, 5-shot (lm-eval's seeded draw from train per "
+                                  "item), greedy"),
 }
 
 
@@ -197,12 +203,41 @@ def get_task(task: str | TaskSpec) -> TaskSpec:
     return TASKS[task]
 
 
-def fewshot_rows(spec: TaskSpec, row: dict, shots: int, pool: list[dict]) -> list[dict]:
-    """The first `shots` rows of the few-shot split (of the same subject where the task says)."""
+def fewshot_rows(spec: TaskSpec, items: list[tuple[int, dict]], shots: int,
+                 pool: list[dict]) -> dict[int, list[dict]]:
+    """The few-shot exemplars of each (doc_id, row) item, by doc_id, as lm-eval 0.4.13 picks them.
+
+    "first_n": the first `shots` rows of the pool (of the item's `fewshot_by` group).
+    "default" (lm-eval's ContextSampler): one `random.Random(fewshot_seed)` for the task, and
+    for each test document in turn `rnd.sample(pool, shots)`; so item i's exemplars are the
+    i-th draw and depend on i (and only on i: every draw before it is replayed), as with
+    lm-eval's `--limit`, which evaluates the first documents in order.
+    """
     if shots == 0:
-        return []
+        return {doc_id: [] for doc_id, _ in items}
     if spec.fewshot_split is None:
         raise ValueError(f"task '{spec.name}' has no bundled few-shot split; use shots=0")
+    if spec.fewshot_sampler == "first_n":
+        return {doc_id: _first_rows(spec, row, shots, pool) for doc_id, row in items}
+    if spec.fewshot_sampler != "default":
+        raise ValueError(f"task '{spec.name}': unknown few-shot sampler '{spec.fewshot_sampler}'")
+    if len(pool) < shots:
+        raise ValueError(f"task '{spec.name}': {shots}-shot needs {shots} few-shot rows, "
+                         f"only {len(pool)} exist")
+    if spec.fewshot_split == spec.split:  # lm-eval would also drop the document itself
+        raise ValueError(f"task '{spec.name}': random exemplars from the evaluated split itself "
+                         "are not supported")
+    wanted = {doc_id for doc_id, _ in items}
+    rnd = random.Random(spec.fewshot_seed)
+    drawn = {}
+    for doc_id in range(max(wanted) + 1):
+        exemplars = rnd.sample(pool, shots)
+        if doc_id in wanted:
+            drawn[doc_id] = exemplars
+    return drawn
+
+
+def _first_rows(spec: TaskSpec, row: dict, shots: int, pool: list[dict]) -> list[dict]:
     if spec.fewshot_by:
         pool = [r for r in pool if r[spec.fewshot_by] == row[spec.fewshot_by]]
     if len(pool) < shots:

@@ -10,8 +10,7 @@ from __future__ import annotations
 
 from .analysis import DEFAULT_PROMPT, SCHEMA, moe_analysis, route_texts
 from .capture import MoELayerPass, capture_moe, run_batches
-from .causal import (experts_skipped, random_controls, reference_loss, score_super_experts,
-                     score_weights)
+from .causal import experts_skipped, random_controls, reference_loss, score_super_experts, score_weights
 from .routing import RoutingStats
 from .super_experts import ExpertMaxima, flag_super_experts
 from .super_weights import detect_expert_super_weights, expert_spikes, expert_super_weight_scan

@@ -143,8 +143,8 @@ def _change_point(ax, x: float, metric: dict, marker: str, color: str | None = N
     d = metric["paired_difference"]
     change, ci, significant = d["mean"], d.get("ci95"), d.get("significant")
     # A condition's own colour when given (hollow when n.s.), else the verdict's (grey when n.s.).
-    edge = color if color is not None else (SEVERITY_COLORS.get(metric.get("impact_severity"), NOT_SIGNIFICANT)
-                     if significant else NOT_SIGNIFICANT)
+    verdict_color = SEVERITY_COLORS.get(metric.get("impact_severity"), NOT_SIGNIFICANT)
+    edge = color if color is not None else (verdict_color if significant else NOT_SIGNIFICANT)
     yerr = None if not ci else [[change - ci[0]], [ci[1] - change]]
     ax.errorbar(x, change, yerr=yerr, fmt=marker, color=edge, ecolor=edge, capsize=3,
                 markersize=6, markerfacecolor=edge if significant else "white",

@@ -25,7 +25,7 @@ def detection_iterations(detection: dict, path=None):
             values = [max(m[key], 1e-6) for m in it["layers"]]
             ax.plot(layers, values, marker=".", color=cmap(it["iteration"]), alpha=0.85,
                     label=f"iteration {it['iteration']}")
-            stars = [(l, v) for l, v in zip(layers, values) if l in new_layers]
+            stars = [(layer, v) for layer, v in zip(layers, values) if layer in new_layers]
             if stars:
                 ax.scatter(*zip(*stars), marker="*", s=180, color=cmap(it["iteration"]),
                            edgecolor="black", zorder=5)

@@ -1,4 +1,4 @@
-"""Tiny random models of every supported family, with a super weight planted on request.
+"""Test support: tiny random models of every supported family, super weights planted on request.
 
 Used by the tests (exhaustive architecture coverage in seconds) and handy for trying the
 notebooks without a real model. A planted super weight is made the way real ones look: one MLP
@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from . import arch
+from sw_lib import arch
 
 TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=512, head_dim=16)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from . import arch
+from sw_lib import arch
 
 
 def _moe_inputs(model: nn.Module, layer: int, input_ids: torch.Tensor) -> torch.Tensor:

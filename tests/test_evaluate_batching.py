@@ -1,0 +1,115 @@
+"""Batches by length under a token budget; shared prefixes; logits only where scored.
+
+None of these may change a per-item result: each is compared with the computation without it.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sw_lib import data
+from sw_lib.evaluate import TASKS, forward, multiple_choice
+from sw_lib.evaluate.batching import by_budget
+from sw_lib.evaluate.engine import build_requests
+from sw_lib.evaluate.prefix import decoder
+
+from conftest import make_tiny
+
+
+def test_by_budget_sorts_longest_first_and_respects_the_budget():
+    lengths = {"a": 5, "b": 9, "c": 2, "d": 9, "e": 4, "f": 30}
+    batches = by_budget(list(lengths), lengths.get, token_budget=20)
+    assert [x for b in batches for x in b] == ["f", "b", "d", "a", "e", "c"]  # stable on ties
+    assert batches == [["f"], ["b", "d"], ["a", "e", "c"]]  # "f" alone exceeds the budget
+    for batch in batches[1:]:
+        assert len(batch) * max(lengths[x] for x in batch) <= 20
+    assert by_budget(list(lengths), lengths.get, 1000, max_rows=4) == [["f", "b", "d", "a"],
+                                                                        ["e", "c"]]
+    with pytest.raises(ValueError, match="token_budget"):
+        by_budget(["a"], lengths.get, 0)
+
+
+def encoded_requests(lm, task: str, items, shots: int = 0):
+    requests = build_requests(TASKS[task], items, shots)
+    return requests, [multiple_choice.encode_request(lm.tokenizer, r) for r in requests]
+
+
+@torch.no_grad()
+def brute_force_sums(lm, encoded) -> dict[int, list[float]]:
+    """One full forward per (question, choice), logits at every position."""
+    out = {}
+    for enc in encoded:
+        sums = []
+        for cont in enc.continuations:
+            ids = torch.tensor([enc.context + cont])
+            logp = torch.log_softmax(lm.model(ids[:, :-1]).logits[0].float(), dim=-1)
+            start = len(enc.context) - 1
+            sums.append(sum(logp[start + i, t].item() for i, t in enumerate(cont)))
+        out[enc.doc_id] = sums
+    return out
+
+
+def assert_same(a: dict, b: dict, tol: float = 2e-4):
+    assert a.keys() == b.keys()
+    for doc_id in a:
+        assert a[doc_id] == pytest.approx(b[doc_id], abs=tol), doc_id
+
+
+def test_budget_changes_no_log_likelihood(tokenizer):
+    lm = make_tiny("llama", tokenizer, seed=15)
+    _, encoded = encoded_requests(lm, "hellaswag", data.select_items("hellaswag/validation", 7).items)
+    reference = brute_force_sums(lm, encoded)
+    seen = []
+    for budget in (1, 300, 10 ** 6):
+        sizes = []
+        sums = multiple_choice.choice_loglikelihoods(lm.model, encoded, budget, sizes.append)
+        assert_same(sums, reference)
+        seen.append(sizes)
+    assert seen[0] == [1] * 7 and seen[2] == [7] and 1 < len(seen[1]) < 7
+
+
+def test_shared_prefix_is_encoded_once_and_changes_nothing(tokenizer):
+    """k-shot MMLU questions of one subject share the description and the solved examples."""
+    lm = make_tiny("llama", tokenizer, seed=16)
+    rows = data.load_split("mmlu/test")
+    anatomy = [(i, r) for i, r in enumerate(rows) if r["subject"] == "anatomy"][:4]
+    astronomy = [(i, r) for i, r in enumerate(rows) if r["subject"] == "astronomy"][:3]
+    requests, encoded = encoded_requests(lm, "mmlu", anatomy + astronomy, shots=2)
+    assert max(e.packed_length for e in encoded) <= forward.max_length(lm.model)  # all packed
+    groups = multiple_choice.shared_prefix_groups(encoded)
+    shared = sorted((n, sorted(e.doc_id for e in members)) for n, members in groups)
+    assert [ids for _, ids in shared] == sorted([sorted(i for i, _ in astronomy),
+                                                 sorted(i for i, _ in anatomy)])
+    for n, members in groups:  # the prefix is the same tokens for every member, and long
+        assert n >= multiple_choice.MIN_SHARED
+        assert all(e.context[:n] == members[0].context[:n] for e in members)
+        assert all(n < len(e.context) for e in members)
+
+    # Count the tokens the decoder reads: the shared prefixes once per subject.
+    assert forward.shared_prefix_ok(lm.model)  # (its probe runs before the count starts)
+    read = []
+    handle = decoder(lm.model).embed_tokens.register_forward_hook(
+        lambda m, args, out: read.append(args[0].shape[0] * args[0].shape[1]))
+    sums = multiple_choice.choice_loglikelihoods(lm.model, encoded, 10 ** 6)
+    handle.remove()
+    assert_same(sums, brute_force_sums(lm, encoded))
+    # Per subject: its prefix once, then one padded row per question without the prefix.
+    expected = sum(n + len(m) * max(e.packed_length - n for e in m) for n, m in groups)
+    assert sorted(read) == sorted([n for n, _ in groups] + [
+        len(m) * max(e.packed_length - n for e in m) for n, m in groups])
+    assert sum(read) == expected < sum(e.packed_length for e in encoded)
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gemma2"])
+@torch.no_grad()
+def test_position_restricted_logits_equal_the_full_ones(tokenizer, model_type):
+    """The head applied at chosen positions gives the full forward's log-probabilities there
+    (gemma2: with its final logit soft-capping)."""
+    lm = make_tiny(model_type, tokenizer, seed=17)
+    ids = torch.tensor([tokenizer.encode("The quick brown fox jumps over the lazy dog again.")])
+    full = torch.log_softmax(lm.model(ids).logits[0].float(), dim=-1)
+    hidden = decoder(lm.model)(input_ids=ids).last_hidden_state[0]
+    positions = torch.tensor([0, 3, ids.shape[1] - 1])
+    targets = torch.tensor([5, 17, 4000])
+    chosen = forward.token_logprobs(lm.model, hidden[positions], targets)
+    assert torch.allclose(chosen, full[positions, targets], atol=1e-5, rtol=0)
