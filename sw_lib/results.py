@@ -101,6 +101,25 @@ def unique_slugs(specs: list[str]) -> list[str]:
     return out
 
 
+def default_results_dir() -> Path:
+    """Where `make analyze` puts results: params/default.yaml's `results_dir`, taken from this
+    project's checkout (the folder make runs in) when sw_lib runs from one, else from the
+    current folder. Notebooks opened in JupyterLab (which run in notebooks/) use it too."""
+    from . import config
+
+    folder = Path(config.defaults()["results_dir"]).expanduser()
+    if folder.is_absolute():
+        return folder
+    root = Path(__file__).resolve().parents[1]
+    return (root if (root / "pyproject.toml").is_file() else Path.cwd()) / folder
+
+
+def model_output_dir(model: str, output_dir: str | Path | None = None) -> Path:
+    """A notebook's `output_dir`, or when it is empty the model's folder where the batch run
+    puts it: `<default_results_dir()>/<slug(model)>`."""
+    return Path(output_dir) if output_dir else default_results_dir() / slug(model)
+
+
 # --- layout --------------------------------------------------------------------------------------
 
 

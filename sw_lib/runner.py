@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import re
 import resource
 import signal
 import threading
@@ -230,21 +231,111 @@ def execute(notebook: Path, out_notebook: Path, report: Path | None, available: 
     record["peak_memory_mib"] = kernel.peak_mib
     if report is not None and out_notebook.is_file():
         try:
-            record["report"] = str(export_html(out_notebook, report))
+            record["report"] = str(export_html(out_notebook, report, error))
         except Exception as err:  # noqa: BLE001
             log.warning("HTML export of %s failed: %s", out_notebook.name, error_line(err))
     return results.stage_record(status, error, round(time.perf_counter() - start, 3), **record)
 
 
-def export_html(notebook: Path, html: Path) -> Path:
-    """Export an executed notebook to a self-contained HTML page (figures as base64 PNG)."""
+# --- HTML export -------------------------------------------------------------------------------
+
+FINDINGS_TAG = "findings"  # the cell whose output opens the report
+
+# nbconvert's lab template, for readers: no script fetched from the network (the page is one
+# file that works offline), code and the kernel's stderr (progress bars, warnings) hidden
+# until "Show code" is pressed, and a line that links the executed notebook beside it.
+_REPORT_TEMPLATE = """{%- extends 'index.html.j2' -%}
+{%- block html_head_js_requirejs -%}{%- endblock html_head_js_requirejs -%}
+{%- block html_head_js_mathjax -%}{%- endblock html_head_js_mathjax -%}
+{%- block html_head_js_mermaidjs -%}{%- endblock html_head_js_mermaidjs -%}
+{%- block jupyter_widgets -%}{%- endblock jupyter_widgets -%}
+{% block extra_css %}
+<style type="text/css">
+body.sw-code-hidden .jp-CodeCell .jp-Cell-inputWrapper,
+body.sw-code-hidden .jp-OutputPrompt,
+body.sw-code-hidden .jp-OutputArea-output[data-mime-type="application/vnd.jupyter.stderr"],
+body.sw-code-hidden .jp-CodeCell.jp-mod-noOutputs { display: none; }
+#sw-report-bar { position: sticky; top: 0; z-index: 10; background: #edf2f7;
+  border-bottom: 1px solid #cbd5e0; padding: .4em 1em; font-family: sans-serif; font-size: 14px; }
+#sw-report-bar button { margin-right: 1em; }
+#sw-report-bar a { color: #2b6cb0; text-decoration: underline; }
+.sw-findings table { border-collapse: collapse; }
+.sw-findings td, .sw-findings th { border: 1px solid #cbd5e0; padding: .2em .5em; text-align: left; }
+</style>
+{% endblock extra_css %}
+{%- block body_header -%}
+<body class="jp-Notebook sw-code-hidden" data-jp-theme-light="true" data-jp-theme-name="JupyterLab Light">
+<div id="sw-report-bar"><button id="sw-toggle-code" type="button" aria-pressed="false"
+onclick="var h=document.body.classList.toggle('sw-code-hidden');
+this.textContent=h?'Show code':'Hide code';this.setAttribute('aria-pressed',String(!h));">Show code</button>
+Code is hidden; {{ resources.sw_notebook_link }}</div>
+<main>
+{%- endblock body_header -%}
+"""
+
+
+def reader_order(nb) -> None:
+    """Move the cells tagged `findings` right under the notebook's title (the first line of
+    its first markdown cell; the rest of that cell's introduction follows them), so a report
+    opens with what the stage found."""
+    import nbformat
+
+    findings = [c for c in nb.cells if FINDINGS_TAG in c.metadata.get("tags", [])]
+    if not findings:
+        return
+    rest = [c for c in nb.cells if c not in findings]
+    at = next((i for i, c in enumerate(rest) if c.cell_type == "markdown"), None)
+    if at is None:
+        nb.cells = findings + rest
+        return
+    title, _, intro = rest[at].source.partition("\n")
+    head = [nbformat.v4.new_markdown_cell(title)] if title.startswith("#") and intro.strip() else []
+    if head:
+        rest[at] = nbformat.v4.new_markdown_cell(intro.strip())
+        nb.cells = rest[:at] + head + findings + rest[at:]
+    else:
+        nb.cells = rest[:at + 1] + findings + rest[at + 1:]
+
+
+def _failure_cell(nb, error: str):
+    """A cell that says, at the top, that the stage failed and why."""
+    import nbformat
+
+    from . import findings
+
+    block = findings.failed(nb.metadata.get("sw_stage", "this stage"), error)
+    cell = nbformat.v4.new_code_cell(source="", outputs=[nbformat.v4.new_output(
+        "display_data", data={"text/html": findings.to_html(block),
+                              "text/plain": findings.to_text(block)})])
+    cell.metadata["tags"] = [FINDINGS_TAG]
+    return cell
+
+
+def export_html(notebook: Path, html: Path, error: str | None = None) -> Path:
+    """Export an executed notebook to a self-contained HTML page for readers: findings first,
+    figures embedded (base64 PNG), code hidden behind a button, a link to the notebook.
+
+    `error`: the stage's one-line error; the page then opens with it.
+    """
+    import html as html_text
+
+    import jinja2
     import nbformat
     from nbconvert import HTMLExporter
 
     nb = nbformat.read(str(notebook), as_version=4)
-    exporter = HTMLExporter(embed_images=True)
-    body, _ = exporter.from_notebook_node(
-        nb, resources={"metadata": {"name": notebook.stem, "path": str(notebook.parent)}})
+    nb.metadata["sw_stage"] = re.sub(r"_\d{8}_\d{6}$", "", notebook.stem)  # without the run's ts
+    if error:
+        nb.cells.append(_failure_cell(nb, error))
+    reader_order(nb)
+    exporter = HTMLExporter(embed_images=True, template_name="lab",
+                            extra_loaders=[jinja2.DictLoader({"sw_report.html.j2": _REPORT_TEMPLATE})])
+    exporter.template_file = "sw_report.html.j2"
+    link = os.path.relpath(notebook, html.parent)
+    body, _ = exporter.from_notebook_node(nb, resources={
+        "metadata": {"name": notebook.stem, "path": str(notebook.parent)},
+        "sw_notebook_link": f'every cell is in the executed notebook <a href="{html_text.escape(link)}">'
+                            f"{html_text.escape(notebook.name)}</a>."})
     html.parent.mkdir(parents=True, exist_ok=True)
     tmp = html.with_name(html.name + ".tmp")
     tmp.write_text(body, encoding="utf-8")

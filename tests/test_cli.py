@@ -230,7 +230,7 @@ def _bad_models(tmp: Path) -> dict[str, tuple[str, str]]:
     (tmp / "empty").mkdir()
     return {
         "typo alias": ("smollm-135m", "Unknown model alias 'smollm-135m'; known aliases: "
-                       "smollm2-135m; or give a Hugging Face id 'org/name', a local folder or "
+                       "gemma3-270m, smollm2-135m; or give a Hugging Face id 'org/name', a local folder or "
                        "a .gguf file"),
         "missing file": (str(tmp / "gone.gguf"), f"Model file or folder '{tmp}/gone.gguf' "
                          "does not exist"),

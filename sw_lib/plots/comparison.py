@@ -348,6 +348,20 @@ def _drop_points(ax, models: list[dict], x) -> None:
     ax.set_ylabel("baseline - modified accuracy")
 
 
+def _depth_labels(ax, models: list[dict]) -> None:
+    """`L{layer} r{row} c{column}` above each weight of each model's line, laid out by
+    plots.detection.place_labels (several weights in one layer stack, never overlap)."""
+    from .detection import place_labels
+
+    ax.figure.canvas.draw()
+    row_px = abs(ax.transData.transform((0, 1))[1] - ax.transData.transform((0, 0))[1])
+    for i, m in enumerate(models):
+        points = [(w["relative_depth"], i, f"L{w['layer']} r{w['row']} c{w['column']}")
+                  for w in m["super_weights"] if w["relative_depth"] is not None]
+        if points:
+            place_labels(ax, points, room_px=row_px * 0.85 - 8)
+
+
 def plot_model_comparison(summary: dict, path: str | Path | None = None, title: str | None = None):
     """Four panels: super weight count, perplexity ratio (log scale, destroyed models marked
     "∞"), accuracy drop per task (both with 95% intervals), and where the super weights sit
@@ -376,11 +390,6 @@ def plot_model_comparison(summary: dict, path: str | Path | None = None, title: 
         depths = [w["relative_depth"] for w in m["super_weights"] if w["relative_depth"] is not None]
         ax_depth.scatter(depths, [i] * len(depths), s=60, color=BAR_COLOR, edgecolor="black",
                          zorder=3)
-        for w in m["super_weights"]:
-            if w["relative_depth"] is not None:
-                ax_depth.annotate(f"L{w['layer']} r{w['row']} c{w['column']}",
-                                  (w["relative_depth"], i), fontsize=7, xytext=(0, 6),
-                                  textcoords="offset points", ha="center")
     ax_depth.set_xlim(-0.02, 1.02)
     ax_depth.set_ylim(-0.7, len(models) - 0.3)
     ax_depth.set_yticks(x, names)
@@ -394,6 +403,7 @@ def plot_model_comparison(summary: dict, path: str | Path | None = None, title: 
     fig.suptitle(title or f"Cross-model comparison ({len(models)} model"
                  f"{'s' if len(models) != 1 else ''})")
     fig.tight_layout()
+    _depth_labels(ax_depth, models)  # in the final layout, so labels never overlap
     if path is not None:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         fig.savefig(path, dpi=150, bbox_inches="tight")
