@@ -286,3 +286,20 @@ def test_restore_after_skipping_and_weight_edits_together_is_bit_exact(tokenizer
         assert not arch.experts(model, 1).down_proj[3].any()
         assert arch.experts(model, 1).down_proj[4, 7, 5] == 0
     assert_bit_identical(model, snapshot)
+
+
+def test_the_reference_params_set_loads_with_the_reference_calibration():
+    from pathlib import Path
+
+    from sw_lib import config
+
+    params = Path(__file__).resolve().parents[1] / "params" / "super_experts_reference.yaml"
+    cfg = config.load(params)
+    assert (cfg["moe"]["router_analysis_samples"], cfg["moe"]["tokens_per_text"]) == (100, 2048)
+    assert cfg["runtime"]["dtype"] == "bfloat16" and cfg["evaluation"]["seq_len"] == 2048
+    default = config.load()
+    assert (default["moe"]["router_analysis_samples"], default["moe"]["tokens_per_text"]) == \
+        (32, 128)
+    assert default["detection"]["spike_threshold_mode"] == "absolute"
+    with pytest.raises(ValueError, match="spike_threshold_mode"):
+        config.load(overrides={"detection.spike_threshold_mode": "percent"})
