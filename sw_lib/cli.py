@@ -25,6 +25,8 @@ FIELDS = {
     "reports_dir": "reports_dir",
     "prompt": "detection.prompt",
     "spike_threshold": "detection.spike_threshold",
+    "spike_threshold_mode": "detection.spike_threshold_mode",
+    "relative_spike_factor": "detection.relative_spike_factor",
     "max_iterations": "detection.max_iterations",
     "confirm": "detection.confirm",
     "super_ratio": "detection.super_ratio",
@@ -44,9 +46,11 @@ FIELDS = {
     "skip_accuracy": "evaluation.skip_accuracy",
     "cache_dir": "evaluation.cache_dir",
     "router_analysis_samples": "moe.router_analysis_samples",
+    "tokens_per_text": "moe.tokens_per_text",
     "p_active_floor": "moe.p_active_floor",
     "co_spike_threshold": "moe.co_spike_threshold",
-    "enable_causal_scoring": "moe.enable_causal_scoring",
+    "control_sets": "moe.control_sets",
+    "control_match_pool": "moe.control_match_pool",
     "device": "runtime.device",
     "dtype": "runtime.dtype",
     "seed": "runtime.seed",
@@ -131,7 +135,12 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("detection")
     g.add_argument("--prompt", help="detection prompt")
     g.add_argument("--spike-threshold", type=float, metavar="X",
-                   help="activation magnitude that counts as a spike")
+                   help="activation magnitude that counts as a spike (mode absolute)")
+    g.add_argument("--spike-threshold-mode", choices=config_mod.SPIKE_THRESHOLD_MODES,
+                   help="absolute: above --spike-threshold; relative: above "
+                        "--relative-spike-factor x the layer's median token peak (dense and MoE)")
+    g.add_argument("--relative-spike-factor", type=float, metavar="X",
+                   help="mode relative: a spike exceeds X times the layer's median token peak")
     g.add_argument("--max-iterations", type=_integer, metavar="N", help="detection iterations")
     g.add_argument("--confirm", action=argparse.BooleanOptionalAction, default=None,
                    help="give every candidate a verdict (super_weight, contributor, no_effect) "
@@ -177,13 +186,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = p.add_argument_group("mixture of experts")
     g.add_argument("--router-analysis-samples", type=_integer, metavar="N",
-                   help="texts routed to measure expert usage")
+                   help="calibration texts: routing statistics and super experts (reference: 100)")
+    g.add_argument("--tokens-per-text", type=_integer, metavar="N",
+                   help="tokens per calibration text (reference: 2048)")
     g.add_argument("--p-active-floor", type=float, metavar="P",
                    help="ignore experts routed to less often than this")
     g.add_argument("--co-spike-threshold", type=float, metavar="X",
                    help="share of an expert's output spike its weight must explain")
-    g.add_argument("--enable-causal-scoring", action="store_true", default=None,
-                   help="confirm expert super weights and super experts by ablation")
+    g.add_argument("--control-sets", type=_integer, metavar="K",
+                   help="sets of frequency-matched control experts skipped instead of the "
+                        "super experts")
+    g.add_argument("--control-match-pool", type=_integer, metavar="K",
+                   help="each control expert is drawn from the K experts of its layer nearest "
+                        "the super expert's routing frequency")
 
     g = p.add_argument_group("runtime")
     g.add_argument("--device", help="auto, cpu, cuda, cuda:N or mps")

@@ -24,6 +24,7 @@ TASKS = ("hellaswag", "arc_easy", "arc_challenge", "mmlu", "gsm8k")
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 DTYPE_ALIASES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 SECTIONS = ("detection", "evaluation", "moe", "runtime")
+SPIKE_THRESHOLD_MODES = ("absolute", "relative")  # sw_lib.spikes.MODES
 
 # Keys the default file does not spell out; a params file may set them.
 OPTIONAL: dict[str, Any] = {
@@ -225,6 +226,14 @@ def _tasks(v):
     return list(dict.fromkeys(v))  # drop repeats, keep order
 
 
+def _choice(choices: tuple[str, ...]):
+    def check(v):
+        if v not in choices:
+            raise ValueError(f"one of {', '.join(choices)}")
+        return v
+    return check
+
+
 def _dtype(v):
     v = DTYPE_ALIASES.get(v, v) if isinstance(v, str) else v
     if v not in DTYPES:
@@ -244,6 +253,8 @@ RULES: dict[str, Callable[[Any], Any]] = {
     "reports_dir": _string(nullable=True),
     "detection.prompt": _string(),
     "detection.spike_threshold": _number(0.0, low_open=True),
+    "detection.spike_threshold_mode": _choice(SPIKE_THRESHOLD_MODES),
+    "detection.relative_spike_factor": _number(0.0, low_open=True),
     "detection.max_iterations": _int(1),
     "detection.confirm": _bool,
     "detection.super_ratio": _number(1.0, low_open=True),
@@ -264,9 +275,11 @@ RULES: dict[str, Callable[[Any], Any]] = {
     "evaluation.token_budget": _int(1),
     "evaluation.cache_dir": _string(nullable=True),
     "moe.router_analysis_samples": _int(1),
+    "moe.tokens_per_text": _int(2),
     "moe.p_active_floor": _number(0.0, 1.0),
     "moe.co_spike_threshold": _number(0.0),
-    "moe.enable_causal_scoring": _bool,
+    "moe.control_sets": _int(0),
+    "moe.control_match_pool": _int(1),
     "runtime.device": _device,
     "runtime.dtype": _dtype,
     "runtime.seed": _int(0),

@@ -17,6 +17,8 @@ Beyond the seed:
 - candidates are grouped by (layer, column), since zeroing one row of a column leaves the
   input spike and lets further rows surface in later iterations; each group's joint effect is
   measured too, but a member earns its verdict by its own effect;
+- the spike threshold is absolute (the seed's) or relative to the layer's median token peak
+  (`sw_lib.spikes`); each iteration records the thresholds it applied per layer;
 - statistics are computed in float32 whatever the model dtype.
 """
 from __future__ import annotations
@@ -26,11 +28,13 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from . import ablate, arch, catalog, config, edits, hooks, reference, verdict
+from . import ablate, arch, catalog, config, edits, hooks, moe, reference, spikes, verdict
 
 # Keyword defaults come from params/default.yaml (the one source of defaults).
 DEFAULT_PROMPT = config.default("detection.prompt")
 DEFAULT_THRESHOLD = config.default("detection.spike_threshold")
+DEFAULT_THRESHOLD_MODE = config.default("detection.spike_threshold_mode")
+DEFAULT_RELATIVE_FACTOR = config.default("detection.relative_spike_factor")
 DEFAULT_ITERATIONS = config.default("detection.max_iterations")
 READINGS = ("down_proj", "post_norm")
 
@@ -38,7 +42,8 @@ READINGS = ("down_proj", "post_norm")
 @dataclass
 class LayerMaxima:
     """Largest |input| and |output| of one layer's down projection (float32), and the largest
-    |output| of the post-MLP norm where the layer has one (else None)."""
+    |output| of the post-MLP norm where the layer has one (else None); with each reading, the
+    median over the tokens of each token's largest |value| (what relative thresholds scale)."""
 
     layer: int
     max_input: float
@@ -50,13 +55,17 @@ class LayerMaxima:
     max_post_norm: float | None = None
     post_norm_token: int | None = None
     post_norm_channel: int | None = None
+    median_input: float | None = None
+    median_output: float | None = None
+    median_post_norm: float | None = None
 
-    def readings(self) -> list[tuple[str, float, int, int]]:
-        """(reading, value, token, channel) of each output reading the layer has."""
-        out = [("down_proj", self.max_output, self.output_token, self.output_channel)]
+    def readings(self) -> list[tuple[str, float, int, int, float | None]]:
+        """(reading, value, token, channel, median peak) of each output reading of the layer."""
+        out = [("down_proj", self.max_output, self.output_token, self.output_channel,
+                self.median_output)]
         if self.max_post_norm is not None:
             out.append(("post_norm", self.max_post_norm, self.post_norm_token,
-                        self.post_norm_channel))
+                        self.post_norm_channel, self.median_post_norm))
         return out
 
 
@@ -122,7 +131,10 @@ def layer_maxima(model: torch.nn.Module, input_ids: torch.Tensor) -> list[LayerM
     def on_down_proj(layer):
         def record(module, args, output):
             x, y = args[0][0], output[0]  # first sequence: [tokens, channels]
-            stats[layer] = LayerMaxima(layer, *_abs_argmax(x), *_abs_argmax(y))
+            stats[layer] = LayerMaxima(
+                layer, *_abs_argmax(x), *_abs_argmax(y),
+                median_input=spikes.median_peak(spikes.token_peaks(x)),
+                median_output=spikes.median_peak(spikes.token_peaks(y)))
         return record
 
     def on_post_norm(layer):
@@ -130,6 +142,7 @@ def layer_maxima(model: torch.nn.Module, input_ids: torch.Tensor) -> list[LayerM
             value, token, channel = _abs_argmax(output[0])
             stats[layer].max_post_norm = value
             stats[layer].post_norm_token, stats[layer].post_norm_channel = token, channel
+            stats[layer].median_post_norm = spikes.median_peak(spikes.token_peaks(output[0]))
         return record
 
     pairs = []
@@ -146,13 +159,22 @@ def layer_maxima(model: torch.nn.Module, input_ids: torch.Tensor) -> list[LayerM
 # --- iterate and zero ---------------------------------------------------------------------
 
 
-def _spike_candidates(m: LayerMaxima, spike_threshold: float) -> dict[tuple, dict]:
+def layer_thresholds(m: LayerMaxima, threshold: spikes.SpikeThreshold) -> dict[str, float]:
+    """The threshold each reading of the layer must exceed ("input", "down_proj", "post_norm")."""
+    out = {"input": threshold.value(m.median_input)}
+    for reading, _, _, _, median in m.readings():
+        out[reading] = threshold.value(median)
+    return out
+
+
+def _spike_candidates(m: LayerMaxima, threshold: spikes.SpikeThreshold) -> dict[tuple, dict]:
     """The coordinates one layer's readings flag, each with the readings that flagged it."""
     found: dict[tuple, dict] = {}
-    if m.max_input <= spike_threshold:
+    limits = layer_thresholds(m, threshold)
+    if m.max_input <= limits["input"]:
         return found
-    for reading, value, token, channel in m.readings():
-        if value <= spike_threshold:
+    for reading, value, token, channel, _ in m.readings():
+        if value <= limits[reading]:
             continue
         coord = (m.layer, channel, m.input_channel)
         c = found.setdefault(coord, {
@@ -168,7 +190,10 @@ def _spike_candidates(m: LayerMaxima, spike_threshold: float) -> dict[tuple, dic
 
 def find_candidates(model, input_ids, spike_threshold=DEFAULT_THRESHOLD,
                     max_iterations=DEFAULT_ITERATIONS, require_co_occurrence=False):
-    """The seed's loop. Returns (candidates, iterations) with the model restored."""
+    """The seed's loop. Returns (candidates, iterations) with the model restored.
+
+    `spike_threshold`: a number (absolute) or a `spikes.SpikeThreshold`."""
+    threshold = spikes.as_threshold(spike_threshold)
     candidates: list[dict] = []
     iterations: list[dict] = []
     seen: set[tuple[int, int, int]] = set()
@@ -177,12 +202,14 @@ def find_candidates(model, input_ids, spike_threshold=DEFAULT_THRESHOLD,
             maxima = layer_maxima(model, input_ids)
         new = []
         for m in maxima:
-            for coord, c in _spike_candidates(m, spike_threshold).items():
+            for coord, c in _spike_candidates(m, threshold).items():
                 if coord in seen or (require_co_occurrence and not c["co_occurs"]):
                     continue
                 new.append(coord)
                 candidates.append({**c, "iteration": iteration})
-        iterations.append({"iteration": iteration, "layers": [asdict(m) for m in maxima],
+        iterations.append({"iteration": iteration,
+                           "layers": [{**asdict(m), "thresholds": layer_thresholds(m, threshold)}
+                                      for m in maxima],
                            "new": [list(c) for c in new]})
         if not new:
             break
@@ -249,6 +276,8 @@ def judge_candidates(model, candidates: list[dict], groups: list[dict],
 def detect_super_weights(lm, prompt: str = DEFAULT_PROMPT,
                          spike_threshold: float = DEFAULT_THRESHOLD,
                          max_iterations: int = DEFAULT_ITERATIONS,
+                         spike_threshold_mode: str = DEFAULT_THRESHOLD_MODE,
+                         relative_spike_factor: float = DEFAULT_RELATIVE_FACTOR,
                          confirm_candidates: bool = True,
                          super_ratio: float = verdict.DEFAULT_SUPER_RATIO,
                          control_largest: int = verdict.DEFAULT_CONTROL_LARGEST,
@@ -264,10 +293,11 @@ def detect_super_weights(lm, prompt: str = DEFAULT_PROMPT,
     weights found by `sw_lib.moe` (with `moe_options`: p_active_floor, co_spike_threshold)
     join the same candidate list, so verdicts, grouping and the JSON treat both alike.
     `confirm_candidates=False` skips the causal test: every candidate has verdict None and
-    counts as a super weight (the original script's behaviour).
+    counts as a super weight (the original script's behaviour). `spike_threshold_mode`
+    "relative" replaces the absolute `spike_threshold` by `relative_spike_factor` times each
+    layer's median token peak (`sw_lib.spikes`), for dense and expert readings alike.
     """
-    if spike_threshold <= 0:
-        raise ValueError(f"spike_threshold must be positive, got {spike_threshold}")
+    threshold = spikes.SpikeThreshold(spike_threshold_mode, spike_threshold, relative_spike_factor)
     if max_iterations < 1:
         raise ValueError(f"max_iterations must be at least 1, got {max_iterations}")
     if control_largest < 0 or control_random < 0:
@@ -278,13 +308,11 @@ def detect_super_weights(lm, prompt: str = DEFAULT_PROMPT,
     ref = reference.reference_text(tokenizer, reference_tokens) if confirm_candidates else None
     input_ids = tokenizer(prompt, return_tensors="pt").input_ids
     start = time.perf_counter()
-    candidates, iterations = find_candidates(model, input_ids, spike_threshold, max_iterations,
+    candidates, iterations = find_candidates(model, input_ids, threshold, max_iterations,
                                              require_co_occurrence)
     if lm.family.moe is not None:
-        from . import moe
-
         candidates += [{**c, "flagged_by": ["down_proj"]} for c in moe.detect_expert_super_weights(
-            lm, prompt, spike_threshold, max_iterations, **(moe_options or {}))]
+            lm, prompt, threshold, max_iterations, **(moe_options or {}))]
     detection_seconds = time.perf_counter() - start
     tokens = [tokenizer.decode([t]) for t in input_ids[0].tolist()]
     for c in candidates:
@@ -307,6 +335,9 @@ def detect_super_weights(lm, prompt: str = DEFAULT_PROMPT,
         model=lm.name, fingerprint=lm.fingerprint, family=lm.family.name,
         num_layers=arch.num_layers(model),
         config={"prompt": prompt, "spike_threshold": spike_threshold,
+                "spike_threshold_mode": spike_threshold_mode,
+                "relative_spike_factor": relative_spike_factor,
+                "spike_rule": threshold.to_dict()["statement"],
                 "max_iterations": max_iterations, "confirm": confirm_candidates,
                 "super_ratio": super_ratio, "control_largest": control_largest,
                 "control_random": control_random, "reference_tokens": reference_tokens,

@@ -13,7 +13,7 @@ and once per condition. A condition changes nothing below its lowest layer, so t
 model's input to that layer is recorded once and the condition's pass starts there
 (`sw_lib.prefix`).
 
-Used by `detect` and `verdict` (dense and expert super weights) and by `moe.causal`; it imports
+Used by `detect` and `verdict` (dense and expert super weights) and by `moe.verdicts`; it imports
 neither of them.
 """
 from __future__ import annotations

@@ -60,7 +60,8 @@ STAGES: tuple[Stage, ...] = (
            plot("impact_comparison"))),
     Stage("03_combined_ablation", EVERY_MODEL, ("01_detection",),
           (data("combined_analysis"), plot("combined_analysis"))),
-    Stage("04_moe_routing", MOE_ONLY, (), (data("moe_analysis"), plot("moe_analysis"))),
+    Stage("04_moe_routing", MOE_ONLY, (),
+          (data("moe_analysis"), plot("moe_analysis"), plot("super_experts_skipped"))),
     Stage("05_cross_model_comparison", WHOLE_RUN, (), (plot("model_comparison"),)),
 )
 

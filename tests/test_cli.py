@@ -170,7 +170,7 @@ def test_every_config_field_has_a_flag():
                      "--accuracy-samples", "--accuracy-tasks", "--results-dir",
                      "--skip-perplexity", "--skip-accuracy", "--verbose", "--quiet",
                      "--router-analysis-samples", "--p-active-floor", "--co-spike-threshold",
-                     "--enable-causal-scoring", "--params", "--device", "--dtype", "--resume"):
+                     "--confirm", "--params", "--device", "--dtype", "--resume"):
         assert original in parser._option_string_actions, original
 
 

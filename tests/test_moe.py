@@ -42,7 +42,7 @@ def ids(tokenizer):
 
 @pytest.fixture(scope="module")
 def text_batch(tokenizer):
-    return moe.text_ids(tokenizer, 4, 32)
+    return moe.calibration_ids(tokenizer, 4, 32)
 
 
 # --- arch: module paths per family --------------------------------------------------------
@@ -267,21 +267,6 @@ def test_detection_runs_in_bfloat16_with_float32_statistics(tokenizer, ids):
 # --- super experts ---------------------------------------------------------------------------
 
 
-def test_super_expert_rule_by_hand():
-    maxima = [{"layer": 0, "expert": i % 8, "shared": False, "tokens": 5, "max_output": 1.0}
-              for i in range(396)]
-    maxima += [{"layer": 0, "expert": 1, "shared": False, "tokens": 5, "max_output": 150.0},
-               {"layer": 1, "expert": 2, "shared": True, "tokens": 5, "max_output": 400.0},
-               {"layer": 3, "expert": 3, "shared": False, "tokens": 5, "max_output": 2000.0},
-               {"layer": 1, "expert": 4, "shared": False, "tokens": 0, "max_output": 0.0}]
-    rule = moe.flag_super_experts(maxima, num_layers=4)
-    # 399 used values (the unused expert has no maximum): the 99.5th percentile sits at
-    # index 0.995 * 398 = 396.01, a hundredth of the way from 150 to 400.
-    assert rule["percentile_threshold"] == pytest.approx(152.5)
-    assert rule["global_threshold"] == pytest.approx(200.0) and rule["layer_limit"] == 3.0
-    assert [(m["layer"], m["expert"]) for m in rule["flagged"]] == [(1, 2)]  # 2000 is in layer 3
-
-
 @pytest.mark.parametrize("model_type", ["qwen2_moe", "deepseek_v3"])
 def test_planted_super_expert_is_flagged_over_texts(model_type, tokenizer, ids):
     lm = make_tiny(model_type, tokenizer)
@@ -289,12 +274,14 @@ def test_planted_super_expert_is_flagged_over_texts(model_type, tokenizer, ids):
     tiny_moe.plant_expert_super_weight(lm.model, layer, row=7, column=5, input_ids=ids, expert=3)
     texts = [p for p in moe.wikitext_paragraphs() if p.startswith("The ")]
     routing, maxima, info = moe.route_texts(lm, 6, 32, batch_size=3, texts=texts)
-    assert info == {"source": "given texts", "count": 6, "tokens_per_text": 32}
+    assert info == {"source": "given texts", "count": 6, "tokens_per_text": 32, "tokens": 192}
     records = maxima.to_list()
     moe_layers = len(arch.moe_layers(lm.model))
     assert len(records) == moe_layers * (8 + (model_type in WITH_SHARED))
     assert sum(r["tokens"] for r in records if not r["shared"]) == moe_layers * 2 * 6 * 32
     rule = moe.flag_super_experts(records, arch.num_layers(lm.model))
+    assert rule["layer_limit"] == 3 and rule["population"]["layers"] == \
+        [layer for layer in arch.moe_layers(lm.model) if layer < 3]
     (flagged,) = rule["flagged"]
     assert (flagged["layer"], flagged["expert"], flagged["shared"]) == (layer, 3, False)
     assert flagged["output_channel"] == 7 and flagged["input_channel"] == 5
@@ -336,7 +323,7 @@ def test_skipping_experts_restores_bit_exactly_in_bfloat16(tokenizer):
     skip = [{"layer": 1, "expert": 3, "shared": False}, {"layer": 2, "expert": 0, "shared": False},
             {"layer": 2, "expert": None, "shared": True}]
     with pytest.raises(RuntimeError, match="boom"):
-        with moe.experts_skipped(model, skip):
+        with ablate.experts_skipped(model, skip):
             assert not arch.experts(model, 1).down_proj[3].any()
             assert arch.experts(model, 1).down_proj[2].any()
             assert not arch.shared_expert(model, 2).down_proj.weight.any()
@@ -347,63 +334,17 @@ def test_skipping_experts_restores_bit_exactly_in_bfloat16(tokenizer):
     assert_bit_identical(model, snapshot)
 
 
-# --- causal scoring -------------------------------------------------------------------------
-
-
-def test_causal_scores_match_manual_ablation(tokenizer, ids):
-    lm = make_tiny("qwen2_moe", tokenizer)
-    _plant(lm, ids)
-    weights = moe.detect_expert_super_weights(lm, PROMPT)
-    ref = moe.reference_ids(tokenizer, 64)
-    assert ref.shape == (1, 64)
-    with torch.no_grad():
-        assert moe.reference_loss(lm.model, ref) == pytest.approx(
-            lm.model(ref, labels=ref).loss.item(), rel=1e-5)
-    snapshot = weights_snapshot(lm.model)
-    scored = moe.score_weights(lm, weights, ids=ref)
-    base = scored["baseline_loss"]
-    for w in scored["weights"]:
-        with ablate.zeroed(lm.model, [w]):
-            assert w["loss_ratio"] == pytest.approx(moe.reference_loss(lm.model, ref) / base)
-    experts = [{"layer": 0, "expert": 3, "shared": False},
-               {"layer": 2, "expert": None, "shared": True}]
-    result = moe.score_super_experts(lm, experts, seeds=2, ids=ref)
-    assert_bit_identical(lm.model, snapshot)
-    first = result["experts"][0]
-    with moe.experts_skipped(lm.model, [experts[0]]):
-        assert first["loss_ratio"] == pytest.approx(moe.reference_loss(lm.model, ref) / base)
-    controls = moe.random_controls(lm.model, experts, 2)
-    for i, e in enumerate(result["experts"]):
-        control = e["random_control"]
-        assert control["experts"] == [picks[i]["expert"] for picks in controls]
-        assert control["min"] <= control["mean"] <= control["max"]
-        with moe.experts_skipped(lm.model, [controls[1][i]]):
-            assert control["ratios"][1] == pytest.approx(moe.reference_loss(lm.model, ref) / base)
-    with moe.experts_skipped(lm.model, controls[0]):
-        assert result["all"]["random_control"]["ratios"][0] == pytest.approx(
-            moe.reference_loss(lm.model, ref) / base)
-
-
-def test_random_controls_are_seeded_and_never_super_experts(tokenizer):
-    lm = make_tiny("mixtral", tokenizer)
-    experts = [{"layer": 1, "expert": e, "shared": False} for e in range(7)]
-    controls = moe.random_controls(lm.model, experts, 5)
-    assert controls == moe.random_controls(lm.model, experts, 5)
-    assert all(pick == {"layer": 1, "expert": 7, "shared": False}  # the only one left
-               for picks in controls for pick in picks)
-    spread = moe.random_controls(lm.model, experts[:1], 20)
-    assert len({picks[0]["expert"] for picks in spread}) > 2 and \
-        all(picks[0]["expert"] != 0 for picks in spread)
-
-
 def test_dense_model_is_reported_not_routed(tokenizer, tmp_path):
     lm = make_tiny("llama", tokenizer)
-    result = moe.moe_analysis(lm, router_analysis_samples=2)
+    result = moe.moe_analysis(lm, moe.MoESettings(router_analysis_samples=2))
     assert result["is_moe"] is False and result["routing"] == []
+    assert result["schema"] == "sw-moe/2" and result["skip_evaluation"] is None
     with pytest.raises(ValueError, match="no mixture-of-experts layers"):
         moe.detect_expert_super_weights(lm, PROMPT)
     moe_plots.moe_analysis_figure(result, tmp_path / "moe_analysis.png")
     assert (tmp_path / "moe_analysis.png").stat().st_size > 1000
+    moe_plots.skip_figure(result, tmp_path / "skipped.png")
+    assert (tmp_path / "skipped.png").stat().st_size > 1000
 
 
 def test_dense_detector_takes_in_expert_super_weights(tokenizer, ids):

@@ -217,6 +217,7 @@ write(f"data/{file_name}",
         "super_experts": {{"flagged": [{{"layer": 1, "expert": 2}}]}},
         "expert_super_weights": []}})
 figure("moe_analysis")
+figure("super_experts_skipped")
 ''', "04_moe_routing"), str(notebooks / "04_moe_routing.ipynb"))
 
     tiny_folder(tmp_path / "moe", "qwen2_moe")

@@ -15,7 +15,7 @@ from typing import Callable, Iterator
 import torch
 from torch import nn
 
-from .. import arch
+from .. import arch, hooks
 
 
 def _check_layout(module: nn.Module, layer: int) -> None:
@@ -93,11 +93,11 @@ def capture_moe(model: nn.Module, on_pass: Callable[[MoELayerPass], None],
                 layers: list[int] | None = None) -> Iterator[None]:
     """Call `on_pass` with each MoE layer's `MoELayerPass` during forward passes in the block.
 
-    Hooks are removed on exit, exceptions included.
+    Hooks are removed on exit, exceptions included (`hooks.attached`).
     """
     spec = arch.family_of(model).moe
     layers = arch.moe_layers(model) if layers is None else layers
-    handles = []
+    forward, with_kwargs, pre = [], [], []
 
     def install(layer: int) -> None:
         experts = arch.experts(model, layer)
@@ -128,19 +128,26 @@ def capture_moe(model: nn.Module, on_pass: Callable[[MoELayerPass], None],
                 scoring=spec.scoring)
             on_pass(layer_pass)
 
-        handles.append(arch.router(model, layer).register_forward_hook(on_router))
-        handles.append(experts.register_forward_hook(on_experts, with_kwargs=True))
+        forward.append((arch.router(model, layer), on_router))
+        with_kwargs.append((experts, on_experts))
         if shared is not None:
-            handles.append(shared.down_proj.register_forward_pre_hook(on_shared_down))
-        handles.append(arch.moe_block(model, layer).register_forward_hook(on_block))
+            pre.append((shared.down_proj, on_shared_down))
+        forward.append((arch.moe_block(model, layer), on_block))
 
-    try:
-        for layer in layers:
-            install(layer)
+    for layer in layers:
+        install(layer)
+    with hooks.attached(forward), hooks.attached(with_kwargs, kind="forward_kwargs"), \
+            hooks.attached(pre, kind="pre"):
         yield
-    finally:
-        for handle in handles:
-            handle.remove()
+
+
+def batches_of(ids: torch.Tensor, batch_size: int | None, token_budget: int | None) -> list:
+    """[n, S] ids split into batches of at most `batch_size` rows and `token_budget` tokens
+    (one row at least): capturing keeps float32 copies of every MoE layer's inputs per pass."""
+    rows = ids.shape[0] if batch_size is None else batch_size
+    if token_budget is not None:
+        rows = min(rows, max(1, token_budget // ids.shape[1]))
+    return list(ids.split(max(1, rows)))
 
 
 @torch.no_grad()

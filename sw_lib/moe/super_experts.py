@@ -1,10 +1,20 @@
 """Super experts (Su et al. 2025, arXiv 2507.23279): the few experts whose down projection
-writes the huge activations.
+writes the huge activations, by the rule of the reference code (ZunhaiSu/Super-Experts-Profilling,
+`eval_utils.py`: `_super_experts_analysis` and `_identify_super_experts`).
 
-Each expert's (shared ones included) maximum |down_proj output| over the analysed texts; an
-expert is a super expert when its maximum exceeds both the 99.5th percentile of all experts'
-maxima and a tenth of the global maximum, in the first 75% of layers (where the super
-activation forms).
+Each expert's (shared ones included) maximum |down_proj output| over the calibration tokens.
+The population is every expert that processed a token in the layers below
+L' = round(0.75 * num_layers) (Python's round, as the reference: where the super activation
+forms); over that population only, the 99.5th percentile (numpy's linear interpolation) and
+max // 10 (floor division of the largest peak, as the reference writes "a tenth of the
+maximum"); a super expert is a member above both. Computing the thresholds over all layers
+instead lets a huge final-layer expert raise the bar and hide the real ones.
+
+Where this differs from the reference code, and why: its hook reads `output[0]` of each
+per-expert down projection, which for routed experts (2-D [routed tokens, H] inputs) is only
+the first routed token's row; we take the largest |value| over every routed token, the peak the
+paper describes. An expert never routed a calibration token has no peak and is left out (the
+reference has no value for it either).
 """
 from __future__ import annotations
 
@@ -67,29 +77,49 @@ class ExpertMaxima:
         return [dict(r) for r in sorted(self.records.values(), key=order)]
 
 
-def flag_super_experts(maxima: list[dict], num_layers: int, percentile: float = 99.5,
-                       global_fraction: float = 0.1, layer_fraction: float = 0.75) -> dict:
-    """Apply the super-expert rule to `ExpertMaxima.to_list()` output.
+PERCENTILE = 99.5  # the reference's quantile
+GLOBAL_DIVISOR = 10  # threshold = max // GLOBAL_DIVISOR (the reference's `np.max(...) // times`)
+LAYER_FRACTION = 0.75  # the reference's include_layers
+RULE = ("Su et al. 2025 (arXiv 2507.23279), rule of ZunhaiSu/Super-Experts-Profilling: over the "
+        "experts that processed a calibration token in layers < round(0.75 * num_layers), an "
+        "expert is a super expert when its max |down_proj output| exceeds both the 99.5th "
+        "percentile of their maxima and max // 10")
 
-    Only experts that processed at least one token count towards the percentile (an unused
-    expert has no maximum). Returns both thresholds and the flagged experts (largest first).
+
+def layer_limit(num_layers: int, fraction: float = LAYER_FRACTION) -> int:
+    """round(fraction * num_layers): experts of layers below it may be super experts."""
+    return round(fraction * num_layers)
+
+
+def flag_super_experts(maxima: list[dict], num_layers: int) -> dict:
+    """Apply the reference rule to `ExpertMaxima.to_list()` output (module docstring).
+
+    Returns the rule's numbers and the flagged experts (largest first): {"rule", "percentile",
+    "percentile_threshold", "global_divisor", "global_max", "global_threshold", "layer_fraction",
+    "layer_limit", "population": {"experts", "layers"}, "flagged"}; thresholds are None when no
+    expert qualifies for the population.
     """
-    used = [m for m in maxima if m["tokens"] > 0]
-    values = np.array([m["max_output"] for m in used], dtype=np.float64)
-    percentile_threshold = float(np.percentile(values, percentile)) if values.size else None
-    global_max = float(values.max()) if values.size else None
-    global_threshold = global_fraction * global_max if values.size else None
-    layer_limit = layer_fraction * num_layers
-    flagged = [m for m in used
-               if m["max_output"] > percentile_threshold and m["max_output"] > global_threshold
-               and m["layer"] < layer_limit]
+    limit = layer_limit(num_layers)
+    population = [m for m in maxima if m["tokens"] > 0 and m["layer"] < limit]
+    values = np.array([m["max_output"] for m in population], dtype=np.float64)
+    percentile_threshold = global_max = global_threshold = None
+    flagged: list[dict] = []
+    if values.size:
+        percentile_threshold = float(np.percentile(values, PERCENTILE))
+        global_max = float(values.max())
+        global_threshold = float(global_max // GLOBAL_DIVISOR)
+        flagged = [m for m in population
+                   if m["max_output"] > percentile_threshold and m["max_output"] > global_threshold]
     return {
-        "percentile": percentile,
+        "rule": RULE,
+        "percentile": PERCENTILE,
         "percentile_threshold": percentile_threshold,
-        "global_fraction": global_fraction,
+        "global_divisor": GLOBAL_DIVISOR,
         "global_max": global_max,
         "global_threshold": global_threshold,
-        "layer_fraction": layer_fraction,
-        "layer_limit": layer_limit,  # layers with index < layer_limit may hold super experts
+        "layer_fraction": LAYER_FRACTION,
+        "layer_limit": limit,  # layers with index < layer_limit make the population
+        "population": {"experts": len(population),
+                       "layers": sorted({m["layer"] for m in population})},
         "flagged": sorted(flagged, key=lambda m: -m["max_output"]),
     }

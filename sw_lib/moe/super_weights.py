@@ -3,8 +3,9 @@
 In each MoE layer and for each expert (the shared one included) we read the down projection's
 input (act(gate) * up, recomputed on the expert's routed tokens) and output. A candidate is
 (layer, expert, row, column) where the largest |input| (channel = column) and the largest
-|output| (channel = row) both exceed `spike_threshold`, occur on the same token, and the single
-product W[row, column] * x[column] explains at least `co_spike_threshold` of that output.
+|output| (channel = row) both exceed the spike threshold (`sw_lib.spikes`: absolute, or relative
+to the layer's median token peak over every expert's tokens), occur on the same token, and the
+single product W[row, column] * x[column] explains at least `co_spike_threshold` of that output.
 Rarely used experts (p_active below `p_active_floor`) are skipped unless the first (sink) token
 routes to them. Found weights are zeroed and the prompt run again, until nothing new appears or
 `max_iterations`; every weight is restored at the end.
@@ -13,11 +14,20 @@ from __future__ import annotations
 
 import torch
 
-from .. import ablate, arch
+from .. import ablate, arch, config, spikes
 from .capture import MoELayerPass, run_batches
 from .routing import RoutingStats
 from .super_experts import peak
-from .texts import text_ids
+
+# Keyword defaults come from params/default.yaml (the one source of defaults).
+DEFAULT_PROMPT = config.default("detection.prompt")
+DEFAULT_ITERATIONS = config.default("detection.max_iterations")
+DEFAULT_P_ACTIVE_FLOOR = config.default("moe.p_active_floor")
+DEFAULT_CO_SPIKE = config.default("moe.co_spike_threshold")
+
+
+def _default_threshold() -> spikes.SpikeThreshold:
+    return spikes.SpikeThreshold()
 
 
 def _spike(p: MoELayerPass, expert: int | None, tokens: torch.Tensor, inner: torch.Tensor,
@@ -41,26 +51,37 @@ def _spike(p: MoELayerPass, expert: int | None, tokens: torch.Tensor, inner: tor
     }
 
 
-def expert_spikes(model: torch.nn.Module, ids: torch.Tensor) -> tuple[list[dict], RoutingStats]:
-    """One forward pass of the [1, S] prompt: each used expert's input/output spike record,
-    and the prompt's routing."""
-    spikes: list[dict] = []
+def expert_spikes(model: torch.nn.Module, ids: torch.Tensor
+                  ) -> tuple[list[dict], RoutingStats, dict[int, dict]]:
+    """One forward pass of the [1, S] prompt: each used expert's input/output spike record, the
+    prompt's routing, and per MoE layer the median token peaks of the experts' inputs and
+    outputs (pooled over every (token, expert) pair the layer computed)."""
+    found: list[dict] = []
     routing = RoutingStats()
+    peaks: dict[int, dict[str, list]] = {}
 
     def on_pass(p: MoELayerPass) -> None:
         routing(p)
+        layer_peaks = peaks.setdefault(p.layer, {"input": [], "output": []})
+
+        def record(expert, tokens, inner, out, weight):
+            found.append(_spike(p, expert, tokens, inner, out, weight))
+            layer_peaks["input"].append(spikes.token_peaks(inner))
+            layer_peaks["output"].append(spikes.token_peaks(out))
+
         for expert in range(p.num_experts):
             tokens, inner, out = p.expert_activations(expert)
             if tokens.numel():
-                spikes.append(_spike(p, expert, tokens, inner, out,
-                                     p.experts_module.down_proj[expert]))
+                record(expert, tokens, inner, out, p.experts_module.down_proj[expert])
         if p.shared_input is not None:
             inner, out = p.shared_activations()
             tokens = torch.arange(p.num_tokens, device=inner.device)
-            spikes.append(_spike(p, None, tokens, inner, out, p.shared_module.down_proj.weight))
+            record(None, tokens, inner, out, p.shared_module.down_proj.weight)
 
     run_batches(model, [ids], on_pass)
-    return spikes, routing
+    medians = {layer: {f"median_{k}": spikes.median_peak(v) for k, v in d.items()}
+               for layer, d in peaks.items()}
+    return found, routing, medians
 
 
 def _reasons(spike: dict, p_active: float, p_active_floor: float,
@@ -82,39 +103,45 @@ def _key(w: dict) -> tuple:
     return (w["layer"], w["expert"], w["shared"], w["row"], w["column"])
 
 
-@torch.no_grad()
-def expert_super_weight_scan(lm, prompt: str, spike_threshold: float = 50.0,
-                             max_iterations: int = 10, p_active_floor: float = 0.01,
-                             co_spike_threshold: float = 0.5, texts: list[str] | None = None,
-                             tokens_per_text: int = 128, p_active: dict | None = None) -> dict:
-    """The full detection record: accepted weights, rejected spikes (with reasons), and per
-    iteration the strongest expert of each layer.
+def _thresholds(threshold: spikes.SpikeThreshold, medians: dict) -> dict[str, float]:
+    return {"input": threshold.value(medians["median_input"]),
+            "output": threshold.value(medians["median_output"])}
 
-    p_active comes from `p_active` ({layer: [E floats]}, e.g. from a routing analysis), else from
-    routing `texts` (WikiText-2 style paragraphs), else from the prompt itself.
+
+@torch.no_grad()
+def expert_super_weight_scan(lm, prompt: str = DEFAULT_PROMPT,
+                             spike_threshold: float | spikes.SpikeThreshold | None = None,
+                             max_iterations: int = DEFAULT_ITERATIONS,
+                             p_active_floor: float = DEFAULT_P_ACTIVE_FLOOR,
+                             co_spike_threshold: float = DEFAULT_CO_SPIKE,
+                             p_active: dict | None = None) -> dict:
+    """The full detection record: accepted weights, rejected spikes (with reasons), and per
+    iteration the strongest expert of each layer and the thresholds applied there.
+
+    spike_threshold: a number (absolute), a `spikes.SpikeThreshold`, or None (params/default.yaml).
+    p_active comes from `p_active` ({layer: [E floats]}, e.g. from the calibration texts' routing),
+    else from the prompt itself.
     """
     model, tokenizer = lm.model, lm.tokenizer
     if not arch.is_moe_model(model):
         raise ValueError(f"model '{getattr(lm, 'name', '?')}' has no mixture-of-experts layers; "
                          "use the dense detector (sw_lib.detect)")
-    if spike_threshold <= 0 or max_iterations < 1:
-        raise ValueError(f"need spike_threshold > 0 and max_iterations >= 1, got "
-                         f"{spike_threshold} and {max_iterations}")
+    threshold = _default_threshold() if spike_threshold is None else \
+        spikes.as_threshold(spike_threshold)
+    if max_iterations < 1:
+        raise ValueError(f"need max_iterations >= 1, got {max_iterations}")
     ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
-    if p_active is None and texts is not None:
-        stats = RoutingStats()
-        run_batches(model, text_ids(tokenizer, len(texts), tokens_per_text, texts).split(8),
-                    stats)
-        p_active = {layer: stats.p_active(layer) for layer in stats.layers}
     found: list[dict] = []
     rejected: dict[tuple, dict] = {}
     iterations = []
     for iteration in range(max_iterations):
         with ablate.zeroed(model, found):
-            spikes, _ = expert_spikes(model, ids)
+            spike_records, _, medians = expert_spikes(model, ids)
+        limits = {layer: _thresholds(threshold, m) for layer, m in medians.items()}
         new = []
-        for spike in spikes:
-            if (spike["input_value"] <= spike_threshold or spike["output_value"] <= spike_threshold
+        for spike in spike_records:
+            limit = limits[spike["layer"]]
+            if (spike["input_value"] <= limit["input"] or spike["output_value"] <= limit["output"]
                     or _key(spike) in {_key(w) for w in found}):
                 continue
             active = (spike["p_active"] if p_active is None or spike["shared"]
@@ -126,14 +153,17 @@ def expert_super_weight_scan(lm, prompt: str, spike_threshold: float = 50.0,
                 rejected.setdefault(_key(spike), dict(record, reasons=reasons))
             else:
                 new.append(record)
-        iterations.append({"iteration": iteration, "layers": _strongest(spikes),
+        iterations.append({"iteration": iteration,
+                           "layers": [dict(s, **medians[s["layer"]], thresholds=limits[s["layer"]])
+                                      for s in _strongest(spike_records)],
                            "new": [[w["layer"], w["expert"], w["shared"], w["row"], w["column"]]
                                    for w in new]})
         if not new:
             break
         found.extend(new)
     return {"super_weights": found, "rejected": list(rejected.values()),
-            "iterations": iterations, "prompt_tokens": int(ids.shape[1])}
+            "iterations": iterations, "prompt_tokens": int(ids.shape[1]),
+            "spike_rule": threshold.to_dict()}
 
 
 def _strongest(spikes: list[dict]) -> list[dict]:
@@ -147,13 +177,15 @@ def _strongest(spikes: list[dict]) -> list[dict]:
     return [{k: best[layer][k] for k in keys} for layer in sorted(best)]
 
 
-def detect_expert_super_weights(lm, prompt: str, spike_threshold: float = 50.0,
-                                max_iterations: int = 10, p_active_floor: float = 0.01,
-                                co_spike_threshold: float = 0.5,
-                                texts: list[str] | None = None) -> list[dict]:
+def detect_expert_super_weights(lm, prompt: str = DEFAULT_PROMPT,
+                                spike_threshold: float | spikes.SpikeThreshold | None = None,
+                                max_iterations: int = DEFAULT_ITERATIONS,
+                                p_active_floor: float = DEFAULT_P_ACTIVE_FLOOR,
+                                co_spike_threshold: float = DEFAULT_CO_SPIKE,
+                                p_active: dict | None = None) -> list[dict]:
     """Expert super weights of an MoE model as weight dicts in the shared vocabulary:
     {"layer", "row", "column", "expert": int | None, "shared": bool, "iteration",
     "input_value", "output_value", "input_token", "output_token", "co_occurs",
     "explained_share", ...}; values are float32 magnitudes, tokens are prompt positions."""
     return expert_super_weight_scan(lm, prompt, spike_threshold, max_iterations, p_active_floor,
-                                    co_spike_threshold, texts)["super_weights"]
+                                    co_spike_threshold, p_active)["super_weights"]

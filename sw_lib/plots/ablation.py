@@ -205,7 +205,8 @@ def _accuracy_panel(ax, labels: list[str], impacts: list[dict | None], task: str
 # --- figures ---------------------------------------------------------------------------------
 
 
-def impact_comparison(individual: dict, path: str | Path | None = None, title: str | None = None):
+def impact_comparison(individual: dict, path: str | Path | None = None, title: str | None = None,
+                      perplexity_title: str = "Perplexity with weight zeroed"):
     """Perplexity ratio per ablated unit and, per task, every metric's paired accuracy change,
     each with its 95% interval; changes that are not significant are hollow and "n.s."."""
     analyses = individual.get("analyses") or []
@@ -226,7 +227,7 @@ def impact_comparison(individual: dict, path: str | Path | None = None, title: s
         ax.set_axis_off()
     if has_ppl:
         _ratio_panel(axes.pop(0), labels, [a.get("perplexity_impact") for a in analyses],
-                     "Perplexity with weight zeroed")
+                     perplexity_title)
     for ax, task in zip(axes, tasks):
         _accuracy_panel(ax, labels, [(a.get("accuracy_impacts") or {}).get(task)
                                      for a in analyses], task)

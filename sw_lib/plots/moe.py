@@ -2,11 +2,12 @@
 
 Each panel function draws on a given Axes from the analysis dict `sw_lib.moe.moe_analysis`
 returns (or the same data read back from `moe_analysis_<ts>.json`); `moe_analysis_figure`
-puts the four together and saves `plots/moe_analysis.png`.
+puts the four together and saves `plots/moe_analysis_<ts>.png`; `skip_figure` draws the skip
+evaluation (super experts skipped against the control sets) as the ablation figures do
+(`plots/super_experts_skipped_<ts>.png`).
 """
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import matplotlib.pyplot as plt
@@ -14,10 +15,19 @@ import numpy as np
 from matplotlib.ticker import MaxNLocator
 
 from . import save_figure
+from .ablation import impact_comparison
 
 SUPER_COLOR = "#c0392b"
 EXPERT_COLOR = "#5b7fa6"
 SHARED_COLOR = "#6d2e8c"
+
+
+def _notice(message: str, path):
+    """A one-line figure where there is nothing to draw."""
+    fig, ax = plt.subplots(figsize=(6, 2.5))
+    ax.text(0.5, 0.5, message, ha="center", va="center", fontsize=12)
+    ax.set_axis_off()
+    return save_figure(fig, path)
 
 
 def _layer_matrix(routing: list[dict], values) -> tuple[np.ndarray, list[int]]:
@@ -69,7 +79,8 @@ def p_active_distribution(ax, result: dict):
 
 def super_expert_maxima(ax, result: dict):
     """Each expert's max |down_proj output| by layer (log scale), with both super-expert
-    thresholds and the layer limit; flagged experts labelled."""
+    thresholds (computed over the layers below the limit only) and the layer limit; flagged
+    experts labelled."""
     maxima = [m for m in result["expert_maxima"] if m["tokens"] > 0]
     rule = result["super_experts"]
     routed = [m for m in maxima if not m["shared"]]
@@ -89,11 +100,11 @@ def super_expert_maxima(ax, result: dict):
         percentile, fraction = rule["percentile_threshold"], rule["global_threshold"]
         ax.axhline(percentile, color=SUPER_COLOR, linestyle="--",
                    label=f"{rule['percentile']:g}th percentile = {percentile:.3g}")
-        ax.axhline(fraction, color="black", linestyle=":",
-                   label=f"{rule['global_fraction']:g} x global max = {fraction:.3g}")
-    first_excluded = math.ceil(rule["layer_limit"])  # flagged layers are < layer_limit
-    ax.axvspan(first_excluded - 0.5, result["num_layers"] - 0.5, color="grey", alpha=0.12,
-               label="last 25% of layers (not flagged)")
+        ax.axhline(max(fraction, 1e-9), color="black", linestyle=":",
+                   label=f"max // {rule['global_divisor']} = {fraction:.3g}")
+    ax.axvspan(rule["layer_limit"] - 0.5, result["num_layers"] - 0.5, color="grey", alpha=0.12,
+               label=f"layers >= round({rule['layer_fraction']:g} L) = {rule['layer_limit']} "
+                     "(not in the population)")
     ax.set_yscale("log")
     ax.set_xlim(-0.5, result["num_layers"] - 0.5)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
@@ -106,11 +117,7 @@ def super_expert_maxima(ax, result: dict):
 def moe_analysis_figure(result: dict, path: str | Path | None = None):
     """The four panels of `plots/moe_analysis.png` (a one-line notice for a dense model)."""
     if not result.get("is_moe"):
-        fig, ax = plt.subplots(figsize=(6, 2.5))
-        ax.text(0.5, 0.5, f"{result.get('model', 'model')}: not a mixture-of-experts model",
-                ha="center", va="center", fontsize=12)
-        ax.set_axis_off()
-        return save_figure(fig, path)
+        return _notice(f"{result.get('model', 'model')}: not a mixture-of-experts model", path)
     fig, axes = plt.subplots(2, 2, figsize=(14, 10))
     usage_heatmap(axes[0, 0], result)
     p_active_distribution(axes[0, 1], result)
@@ -122,3 +129,20 @@ def moe_analysis_figure(result: dict, path: str | Path | None = None):
                  f"{len(weights)} expert super weight(s)", fontsize=13)
     fig.tight_layout()
     return save_figure(fig, path)
+
+
+def skip_figure(result: dict, path: str | Path | None = None):
+    """Perplexity ratio and paired accuracy changes with the super experts skipped and with
+    each frequency-matched control set skipped (the ablation figures' panels)."""
+    skipping = result.get("skip_evaluation")
+    if not result.get("is_moe"):
+        return _notice(f"{result.get('model', 'model')}: not a mixture-of-experts model", path)
+    if skipping is None:
+        flagged = (result.get("super_experts") or {}).get("flagged") or []
+        return _notice("no super expert flagged: nothing skipped" if not flagged
+                      else "perplexity and accuracy were both skipped", path)
+    analyses = [skipping["super_experts"], *skipping["controls"]]
+    return impact_comparison({"analyses": analyses}, path,
+                             title=f"{result['model']}: super experts skipped vs "
+                                   "frequency-matched control experts",
+                             perplexity_title="Perplexity with experts skipped")
