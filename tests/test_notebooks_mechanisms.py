@@ -8,11 +8,10 @@ from pathlib import Path
 
 import papermill
 import pytest
+from test_notebooks_ablation import PROMPT, TS, _detection, _png_ok, _weight
 
 from sw_lib import evaluate, models
 from sw_lib.edits import WeightQuantization, scale
-
-from test_notebooks_ablation import PROMPT, TS, _detection, _png_ok, _weight
 
 ROOT = Path(__file__).resolve().parents[1]
 PLANTED = [{"layer": 1, "row": 5, "column": 7}, {"layer": 2, "row": 11, "column": 20}]

@@ -60,7 +60,7 @@ def stop_words(shift: dict, path: str | Path | None = None, title: str = ""):
     fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.6))
     keys = [("stop_word_mass", "stop-word\nprobability mass"),
             ("top1_stop_share", "top-1 token is\na stop word")]
-    for i, (key, label) in enumerate(keys):
+    for i, (key, _label) in enumerate(keys):
         for j, (cond, color) in enumerate((("original", "#5b7fa6"), ("zeroed", "#c0392b"))):
             left.bar(i + 0.38 * j, shift[cond][key], width=0.36, color=color,
                      label=("original" if cond == "original" else "super weights zeroed")
