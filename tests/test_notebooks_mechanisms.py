@@ -10,8 +10,8 @@ import papermill
 import pytest
 from test_notebooks_ablation import PROMPT, TS, _detection, _png_ok, _weight
 
-from sw_lib import evaluate, models
-from sw_lib.edits import WeightQuantization, scale
+from sw_lib import edits, evaluate, models
+from sw_lib.edits import WeightQuantization, scale, zero
 
 ROOT = Path(__file__).resolve().parents[1]
 PLANTED = [{"layer": 1, "row": 5, "column": 7}, {"layer": 2, "row": 11, "column": 20}]
@@ -21,12 +21,13 @@ SMALL = dict(perplexity_samples=2, seq_len=32, accuracy_samples=3, batch_size=4,
 
 @pytest.fixture(scope="module")
 def tiny_folder(tmp_path_factory, tokenizer):
-    from tiny import plant_super_weight, save_tiny, tiny_model
+    """Each super weight acts only through its MLP channel at the first token (ReLU MLP)."""
+    from tiny import plant_first_token_super_weight, save_tiny, tiny_model
 
-    model = tiny_model("llama", vocab_size=len(tokenizer))
+    model = tiny_model("llama", vocab_size=len(tokenizer), hidden_act="relu")
     ids = tokenizer(PROMPT, return_tensors="pt").input_ids
     for w in PLANTED:
-        plant_super_weight(model, w["layer"], w["row"], w["column"], ids)
+        plant_first_token_super_weight(model, w["layer"], w["row"], w["column"], ids)
     return save_tiny(model, tokenizer, tmp_path_factory.mktemp("tiny") / "tiny-planted")
 
 
@@ -60,6 +61,13 @@ def test_notebooks_06_and_07_on_a_planted_tiny_model(tiny_folder, tmp_path):
     restore = doc["restore"]
     assert [r["layer"] for r in restore["restores"]] == [1, 2]
     assert restore["conditions"]["restored"]["accuracy"].keys() == {"arc_easy"}
+    # the restored condition is the zeroing plus the hooks the JSON describes, evaluated
+    restores = [edits.from_dict(r) for r in restore["restores"]]
+    assert [r.values for r in restores] == [(6.0,), (6.0,)]
+    direct = evaluate.perplexity(lm, zero(PLANTED) + restores, seq_len=32, n_windows=2,
+                                 cache=False, progress=False)
+    assert restore["conditions"]["restored"]["perplexity"] == pytest.approx(direct["perplexity"],
+                                                                            rel=1e-6)
     assert restore["recovery"]["perplexity"] is not None
     points = {p["factor"]: p for p in doc["scaling"]["points"]}
     baseline = evaluate.perplexity(lm, seq_len=32, n_windows=2, cache=False, progress=False)
