@@ -22,8 +22,8 @@ FIGURE = re.compile(r'<img [^>]*src="data:image/png;base64,')
 PLANTED = {"tiny-llama": ("llama", 1, 7, 11), "tiny-qwen2": ("qwen2", 2, 20, 30)}
 TINY_RUN = ["--perplexity-samples", "1", "--seq-len", "32", "--accuracy-samples", "2",
             "--accuracy-tasks", "arc_easy", "--no-confirm", "--max-iterations", "3",
-            "--scaling-factors", "0", "1", "2", "--weight-bits", "4", "--block-sizes", "16",
-            "tensor", "--device", "cpu", "--dtype", "float32", "-q"]
+            "--restore-tasks", "--scaling-factors", "0", "1", "2", "--weight-bits", "4",
+            "--block-sizes", "tensor", "--device", "cpu", "--dtype", "float32", "-q"]
 
 
 @pytest.fixture(scope="module")
@@ -58,6 +58,7 @@ def test_every_stage_notebook_exists():
     assert missing == []
 
 
+@pytest.mark.timeout(600)  # the module's sw-analyze run (7 stages x 2 models) is set up here
 def test_two_models_whole_tree(cli_run):
     code, root, ts = cli_run
     assert code == 0

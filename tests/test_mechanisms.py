@@ -49,3 +49,22 @@ def test_restore_edits_hold_the_original_values_and_the_massive_threshold(tokeni
     outputs = {w["row"]: abs(w["down_proj_output"]) for a in doc["activations"]
                for w in a["super_weights"]}
     assert by_row[5].min_value == pytest.approx(trace.MASSIVE_FRACTION * outputs[5])
+
+
+def test_flags_and_rules_of_the_06_07_parameters():
+    from sw_lib import cli, config
+
+    args = cli.build_parser().parse_args(
+        ["--restore-tasks", "--scaling-factors", "0", "1", "2", "--block-sizes", "64", "tensor",
+         "--weight-bits", "4", "3", "--no-quantization"])
+    cfg = cli.load_config(args)
+    mech, quant = cfg["mechanisms"], cfg["quantization"]
+    assert mech["restore_tasks"] == [] and mech["scaling_factors"] == [0.0, 1.0, 2.0]
+    assert quant["block_sizes"] == [64, "tensor"] and quant["weight_bits"] == [4, 3]
+    assert quant["run_quantization"] is False
+    assert config.load()["mechanisms"]["restore_tasks"] is None  # null: evaluation's tasks
+    for flags, message in ((["--block-sizes", "1"], "--block-sizes: must be a list of block sizes"),
+                           (["--weight-bits", "9"], "--weight-bits: must be a list of bit widths"),
+                           (["--clip-z", "0"], "--clip-z: must be a number > 0")):
+        with pytest.raises(config.ConfigError, match=message):
+            cli.load_config(cli.build_parser().parse_args(flags))
