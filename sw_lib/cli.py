@@ -51,6 +51,16 @@ FIELDS = {
     "co_spike_threshold": "moe.co_spike_threshold",
     "control_sets": "moe.control_sets",
     "control_match_pool": "moe.control_match_pool",
+    "mechanisms": "mechanisms.run_mechanisms",
+    "restore_tasks": "mechanisms.restore_tasks",
+    "scaling_factors": "mechanisms.scaling_factors",
+    "scaling_tasks": "mechanisms.scaling_tasks",
+    "quantization": "quantization.run_quantization",
+    "weight_bits": "quantization.weight_bits",
+    "block_sizes": "quantization.block_sizes",
+    "clip_z": "quantization.clip_z",
+    "activation_bits": "quantization.activation_bits",
+    "quantization_windows": "quantization.quantization_windows",
     "device": "runtime.device",
     "dtype": "runtime.dtype",
     "seed": "runtime.seed",
@@ -199,6 +209,28 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--control-match-pool", type=_integer, metavar="K",
                    help="each control expert is drawn from the K experts of its layer nearest "
                         "the super expert's routing frequency")
+
+    g = p.add_argument_group("mechanisms and quantization (notebooks 06, 07)")
+    g.add_argument("--mechanisms", action=argparse.BooleanOptionalAction, default=None,
+                   help="notebook 06: trace, restore, scaling sweep, stop words")
+    g.add_argument("--restore-tasks", nargs="*", metavar="TASK",
+                   help="accuracy tasks of the restore experiment (none: perplexity only)")
+    g.add_argument("--scaling-factors", nargs="+", type=float, metavar="F",
+                   help="factors the super weights are multiplied by")
+    g.add_argument("--scaling-tasks", nargs="*", metavar="TASK",
+                   help="accuracy tasks of the scaling sweep (none: perplexity only)")
+    g.add_argument("--quantization", action=argparse.BooleanOptionalAction, default=None,
+                   help="notebook 07: weight and activation quantization")
+    g.add_argument("--weight-bits", nargs="+", type=_integer, metavar="B",
+                   help="weight bit widths (2-8)")
+    g.add_argument("--block-sizes", nargs="+", metavar="N",
+                   help="weight quantization block sizes: integers, row or tensor")
+    g.add_argument("--clip-z", type=float, metavar="Z",
+                   help="super-weight-aware clipping: mean|w| + Z std|w| per block")
+    g.add_argument("--activation-bits", type=_integer, metavar="B",
+                   help="down-projection input quantization bits")
+    g.add_argument("--quantization-windows", type=_integer, metavar="N",
+                   help="WikiText-2 windows per quantization configuration")
 
     g = p.add_argument_group("runtime")
     g.add_argument("--device", help="auto, cpu, cuda, cuda:N or mps")

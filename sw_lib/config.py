@@ -23,7 +23,7 @@ import yaml
 TASKS = ("hellaswag", "arc_easy", "arc_challenge", "mmlu", "gsm8k")
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 DTYPE_ALIASES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
-SECTIONS = ("detection", "evaluation", "moe", "runtime")
+SECTIONS = ("detection", "evaluation", "moe", "mechanisms", "quantization", "runtime")
 SPIKE_THRESHOLD_MODES = ("absolute", "relative")  # sw_lib.spikes.MODES
 
 # Keys the default file does not spell out; a params file may set them.
@@ -216,6 +216,8 @@ def _models(v):
 
 
 def _tasks(v):
+    if v is None:
+        raise ValueError(f"a list of tasks from: {' '.join(TASKS)}")
     if isinstance(v, str):
         v = [v]
     if not isinstance(v, list) or not all(isinstance(t, str) for t in v):
@@ -232,6 +234,35 @@ def _choice(choices: tuple[str, ...]):
             raise ValueError(f"one of {', '.join(choices)}")
         return v
     return check
+
+
+def _factors(v):
+    if isinstance(v, (int, float, str)) and not isinstance(v, bool):
+        v = [v]
+    v = [as_number(f) for f in v] if isinstance(v, list) else v
+    if (not isinstance(v, list) or not v or not all(
+            isinstance(f, (int, float)) and not isinstance(f, bool) and f == f for f in v)):
+        raise ValueError("a list of one or more numbers (factors the super weights are "
+                         "multiplied by, e.g. [0, 0.5, 1, 2])")
+    return [float(f) for f in dict.fromkeys(v)]
+
+
+def _block_sizes(v):
+    if not isinstance(v, list):
+        v = [v]
+    v = [as_count(b) if not (isinstance(b, str) and b in ("row", "tensor")) else b for b in v]
+    if not v or not all(b in ("row", "tensor") or (_is_int(b) and b >= 2) for b in v):
+        raise ValueError("a list of block sizes: integers >= 2, 'row' or 'tensor'")
+    return list(dict.fromkeys(v))
+
+
+def _bits_list(v):
+    if not isinstance(v, list):
+        v = [v]
+    v = [as_count(b) for b in v]
+    if not v or not all(_is_int(b) and 2 <= b <= 8 for b in v):
+        raise ValueError("a list of bit widths, integers from 2 to 8")
+    return list(dict.fromkeys(v))
 
 
 def _dtype(v):
@@ -280,6 +311,17 @@ RULES: dict[str, Callable[[Any], Any]] = {
     "moe.co_spike_threshold": _number(0.0),
     "moe.control_sets": _int(0),
     "moe.control_match_pool": _int(1),
+    "mechanisms.run_mechanisms": _bool,
+    "mechanisms.restore_tasks": lambda v: None if v is None else _tasks(v),
+    "mechanisms.scaling_factors": _factors,
+    "mechanisms.scaling_tasks": _tasks,
+    "mechanisms.stop_word_top_k": _int(1),
+    "quantization.run_quantization": _bool,
+    "quantization.weight_bits": _bits_list,
+    "quantization.block_sizes": _block_sizes,
+    "quantization.clip_z": _number(0.0, low_open=True),
+    "quantization.activation_bits": _int(2, 16),
+    "quantization.quantization_windows": _int(1),
     "runtime.device": _device,
     "runtime.dtype": _dtype,
     "runtime.seed": _int(0),

@@ -390,6 +390,8 @@ def assemble_analysis(paths: ModelPaths, *, model: str, family: str | None,
         "individual": [a for a in individual if a is not None] if individual else None,
         "combined": read_json_if_exists(paths.combined_json),
         "moe": read_json_if_exists(paths.moe_json),
+        "mechanisms": read_json_if_exists(paths.data("mechanisms")),
+        "quantization": read_json_if_exists(paths.data("quantization")),
         "peak_memory": peak_memory(stages),
     }
 

@@ -63,6 +63,12 @@ STAGES: tuple[Stage, ...] = (
     Stage("04_moe_routing", MOE_ONLY, (),
           (data("moe_analysis"), plot("moe_analysis"), plot("super_experts_skipped"))),
     Stage("05_cross_model_comparison", WHOLE_RUN, (), (plot("model_comparison"),)),
+    # Per model, after 01 (they run before the whole-run comparison, which reads their JSON).
+    Stage("06_mechanisms", EVERY_MODEL, ("01_detection",),
+          (data("mechanisms"), plot("super_activation_trace"),
+           plot("scaling_curve", required=False), plot("stop_words", required=False))),
+    Stage("07_quantization", EVERY_MODEL, ("01_detection",),
+          (data("quantization"), plot("weight_quantization", required=False))),
 )
 
 BY_NAME = {s.name: s for s in STAGES}

@@ -77,6 +77,13 @@ write(f"data/combined_analysis_{run_timestamp}.json",
        "accuracy_impacts": {"hellaswag": {"baseline_accuracy": 0.5, "accuracy_drop": 0.25}}})
 figure("combined_analysis")
 '''),
+    "06_mechanisms": ('model = ""\noutput_dir = ""\nrun_timestamp = ""', '''
+write(f"data/mechanisms_{run_timestamp}.json", {"schema": "sw-mechanisms/1"})
+figure("super_activation_trace")
+'''),
+    "07_quantization": ('model = ""\noutput_dir = ""\nrun_timestamp = ""', '''
+write(f"data/quantization_{run_timestamp}.json", {"schema": "sw-quantization/1"})
+'''),
 }
 
 
@@ -135,7 +142,7 @@ def test_run_records_and_resume_redoes_only_unfinished_work(tmp_path):
     assert results.validation_errors(analysis) == []
     stages = analysis["stages"]
     assert [stages[s]["status"] for s in ("resolve", *results.MODEL_STAGES)] == \
-        ["ok", "ok", "ok", "failed", "skipped"]
+        ["ok", "ok", "ok", "failed", "skipped", "ok", "ok"]
     assert stages["04_moe_routing"]["reason"] == "not a mixture-of-experts model"
     assert stages["01_detection"]["outputs"] == [
         f"data/detection_{first.ts}.json", f"plots/detection_iterations_{first.ts}.png",

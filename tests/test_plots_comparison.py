@@ -110,3 +110,28 @@ def test_plot_draws_destroyed_to_the_top_and_intervals(three, tmp_path):
     significant = [m["accuracy_significant"]["mmlu"] for m in summary["models"]]
     assert len(hollow) == significant.count(False) == 1
     assert (tmp_path / "c.png").stat().st_size > 10_000
+
+
+def test_restore_recovery_and_quantization_gap_per_model():
+    """Notebooks 06/07's numbers reach the comparison row, straight from their JSON; a model
+    without them gets nulls."""
+    from sw_lib import quantization
+
+    analysis = _analysis("x", _condition(math.log(3.0), 0.01, 12))
+    points = [{"bits": b, "block_size": s, "variant": v, "perplexity_ratio": r}
+              for b, s, v, r in [(4, 64, "naive", 1.1), (4, 64, "super_weight_aware", 1.05),
+                                 (4, "tensor", "naive", 3.0),
+                                 (4, "tensor", "super_weight_aware", 1.5)]]
+    analysis["quantization"] = {"weights": {"claim": quantization.claim(points, [4],
+                                                                        [64, "tensor"])}}
+    analysis["mechanisms"] = {"restore": {"recovery": {"perplexity": 0.8,
+                                                       "accuracy": {"mmlu": 0.5}}}}
+    model = comparison.summarize_model(analysis)
+    assert model["restore_recovery_perplexity"] == 0.8
+    assert model["restore_recovery_accuracy"] == {"mmlu": 0.5}
+    assert model["quantization_gap"] == {"4": pytest.approx(2.0)}  # 3.0 / 1.5
+    assert model["quantization_largest_block"] == "tensor"
+    (row,) = comparison.summary_rows({"models": [model]})
+    assert row["INT4 naive/aware at block tensor"] == pytest.approx(2.0)
+    bare = comparison.summarize_model(_analysis("y", _condition(0.0, 0.0, 0)))
+    assert bare["restore_recovery_perplexity"] is None and bare["quantization_gap"] == {}

@@ -190,3 +190,28 @@ def save_tiny(model: nn.Module, tokenizer, folder: str | Path) -> Path:
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+@torch.no_grad()
+def plant_first_token_super_weight(model: nn.Module, layer: int, row: int, column: int,
+                                   input_ids: torch.Tensor, value: float = 6.0,
+                                   spike: float = 200.0) -> None:
+    """A super weight whose only effect is through the first token's activation: in a Llama
+    with a ReLU-gated MLP (`hidden_act="relu"`), MLP channel `column` of `layer` is `spike` at
+    token 0 of `input_ids` and exactly 0 at every other token (the gate row solves
+    g . h_0 = sqrt(spike), g . h_t = -1 for t > 0; ReLU shuts the rest), and W[row, column] =
+    `value`. Zeroing the weight then changes the down projection's output at token 0 alone."""
+    mlp = arch.decoder_layers(model)[layer].mlp
+    captured = {}
+    handle = mlp.gate_proj.register_forward_pre_hook(lambda m, args: captured.setdefault("h", args[0]))
+    try:
+        model(input_ids)
+    finally:
+        handle.remove()
+    h = captured["h"][0].double()  # [tokens, hidden]
+    target = torch.full((h.shape[0], 1), -1.0, dtype=torch.float64)
+    target[0] = spike ** 0.5
+    gate = torch.linalg.lstsq(h, target, driver="gelsd").solution[:, 0]  # exact: tokens < hidden
+    mlp.gate_proj.weight[column] = gate.float()
+    mlp.up_proj.weight[column] = (h[0] / h[0].norm() ** 2 * spike ** 0.5).float()
+    arch.down_proj_matrix(model, layer)[row, column] = value

@@ -152,7 +152,22 @@ def summarize_model(analysis: dict) -> dict:
         "n_super_experts": len(flagged) if isinstance(flagged, list) else None,
         "n_expert_super_weights": (len(moe["expert_super_weights"])
                                    if isinstance(moe.get("expert_super_weights"), list) else None),
+        **mechanism_numbers(analysis),
     }
+
+
+def mechanism_numbers(analysis: dict) -> dict:
+    """Notebook 06's restore recovery and notebook 07's quantization gap (null when absent):
+    recovery = share of the zeroing's damage the restored super activation undoes; gap =
+    naive / super-weight-aware perplexity ratio at the largest block, per bit width."""
+    restore = (analysis.get("mechanisms") or {}).get("restore") or {}
+    recovery = restore.get("recovery") or {}
+    claim = ((analysis.get("quantization") or {}).get("weights") or {}).get("claim") or {}
+    return {"restore_recovery_perplexity": recovery.get("perplexity"),
+            "restore_recovery_accuracy": recovery.get("accuracy") or {},
+            "quantization_gap": {bits: c.get("gap_at_largest_block") for bits, c in claim.items()},
+            "quantization_largest_block": next((c.get("largest_block") for c in claim.values()),
+                                               None)}
 
 
 # --- across models -------------------------------------------------------------------------------
@@ -236,7 +251,10 @@ def summary_rows(summary: dict) -> list[dict]:
                "ratio 95% CI": _fmt_interval(m["perplexity_ratio_ci95"]),
                "perplexity verdict": m["impact_severity"],
                "shared rows": [r["row"] for r in m["shared_rows"]],
-               "shared columns": [(c["layer"], c["column"]) for c in m["shared_columns"]]}
+               "shared columns": [(c["layer"], c["column"]) for c in m["shared_columns"]],
+               "restore recovery (perplexity)": m.get("restore_recovery_perplexity")}
+        for bits, gap in (m.get("quantization_gap") or {}).items():
+            row[f"INT{bits} naive/aware at block {m['quantization_largest_block']}"] = gap
         for t, d in m["accuracy_drops"].items():
             row[f"{t} drop"] = d
             row[f"{t} drop 95% CI"] = _fmt_interval(m["accuracy_drop_ci95"].get(t))
