@@ -355,7 +355,17 @@ def _expert(e: dict) -> str:
     return f"L{e['layer']} " + ("shared" if e.get("shared") else f"E{e['expert']}")
 
 
+def _judged(e: dict) -> str:
+    """`super_weight, × 6.79 [5.76, 8.19]` from a verdict record; `not judged` without one."""
+    if not e.get("verdict"):
+        return "not judged"
+    return (f"{e['verdict']}, × "
+            + ratio_with_interval(e.get("perplexity_ratio"), e.get("perplexity_ratio_interval")))
+
+
 def moe(doc: dict) -> Findings:
+    """04 (schema sw-moe/2): the super experts with their verdicts and what skipping them does
+    against frequency-matched controls; the expert super weights with theirs."""
     title = f"Mixture of experts: {model_name(doc)}"
     if not doc.get("is_moe"):
         return Findings(title, [f"{model_name(doc, 'The model')} has no mixture-of-experts "
@@ -364,15 +374,42 @@ def moe(doc: dict) -> Findings:
     found = doc.get("expert_super_weights") or []
     sentences = [f"{len(doc.get('moe_layers') or [])} MoE layers of {doc.get('num_experts')} "
                  f"experts (top-{doc.get('top_k')}).",
-                 (f"{plural(len(flagged), 'super expert')}: "
-                  + ", ".join(map(_expert, flagged)) + "."
-                  if flagged else "No super expert is flagged."),
-                 (f"{plural(len(found), 'expert super weight')}: "
-                  + ", ".join(map(weight_label, found[:8])) + ("..." if len(found) > 8 else "") + "."
-                  if found else "No expert super weight at this spike threshold.")]
-    columns = ["expert", "max |down_proj output|"]
-    rows = [[_expert(e), number(e.get("max_output"))] for e in flagged]
+                 (f"{plural(len(flagged), 'super expert')} by the reference rule: "
+                  + "; ".join(f"{_expert(e)} ({_judged(e)})" for e in flagged) + "."
+                  if flagged else "No super expert is flagged by the reference rule.")]
+    if flagged:
+        sentences.append(_skip_sentence(doc))
+    sentences.append(f"{plural(len(found), 'expert super weight')}: "
+                     + "; ".join(f"{weight_label(w)} ({_judged(w)})" for w in found[:8])
+                     + ("..." if len(found) > 8 else "") + "."
+                     if found else "No expert super weight at this spike threshold.")
+    columns = ["expert", "max |down_proj output|", "p_active", "verdict",
+               "reference perplexity ratio, skipped alone [95% CI]", "control's largest ratio"]
+    rows = [[_expert(e), number(e.get("max_output")), number(e.get("p_active")),
+             e.get("verdict") or "not judged",
+             ratio_with_interval(e.get("perplexity_ratio"), e.get("perplexity_ratio_interval")),
+             ratio((e.get("control") or {}).get("max_perplexity_ratio"))] for e in flagged]
     return Findings(title, sentences, columns if rows else [], _capped(rows, len(columns)))
+
+
+def _skip_sentence(doc: dict) -> str:
+    """What skipping the super experts did to WikiText-2 perplexity, beside the controls."""
+    skipping = doc.get("skip_evaluation") or {}
+    impact = (skipping.get("super_experts") or {}).get("perplexity_impact")
+    if not impact:
+        return "Skipping them was not evaluated on WikiText-2 (evaluation off)."
+    text = ("Skipping them all: WikiText-2 perplexity × "
+            + (ratio_with_interval(impact.get("perplexity_ratio"), impact.get("ratio_ci95"))
+               if impact.get("modified_perplexity_finite", True) else "∞")
+            + f" ({impact.get('impact_severity')})")
+    controls = [c.get("perplexity_impact") for c in skipping.get("controls") or []]
+    controls = [c for c in controls if c]
+    if controls:
+        worst = max(float("inf") if not c.get("modified_perplexity_finite", True)
+                    else c.get("perplexity_ratio") or 1.0 for c in controls)
+        text += (f"; {plural(len(controls), 'frequency-matched control set')}: at most × "
+                 f"{ratio(worst)}")
+    return text + "."
 
 
 # --- 05 comparison -------------------------------------------------------------------------------

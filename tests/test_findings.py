@@ -149,14 +149,40 @@ def test_moe_and_comparison_findings():
     dense = findings.moe({"model": "smollm2-135m", "is_moe": False})
     assert dense.status == "empty" and "no mixture-of-experts layers" in dense.sentences[0]
     doc = {"model": "m", "is_moe": True, "moe_layers": [1, 2, 3], "num_experts": 8, "top_k": 2,
-           "super_experts": {"flagged": [{"layer": 1, "expert": 68, "max_output": 912.0},
-                                         {"layer": 2, "expert": None, "shared": True,
-                                          "max_output": 300.0}]},
-           "expert_super_weights": [{"layer": 1, "expert": 68, "row": 940, "column": 711}]}
+           "super_experts": {"flagged": [
+               {"layer": 1, "expert": 68, "max_output": 912.0, "p_active": 0.05,
+                "verdict": "super_weight", "perplexity_ratio": 40.0,
+                "perplexity_ratio_interval": [30.0, 55.0], "control": {"max_perplexity_ratio": 1.02}},
+               {"layer": 2, "expert": None, "shared": True, "max_output": 300.0, "p_active": 1.0,
+                "verdict": "no_effect", "perplexity_ratio": 1.001,
+                "perplexity_ratio_interval": [0.999, 1.003], "control": {"max_perplexity_ratio": 1.004}}]},
+           "skip_evaluation": {
+               "super_experts": {"perplexity_impact": {"perplexity_ratio": 37.5,
+                                                       "ratio_ci95": [31.0, 44.0],
+                                                       "modified_perplexity_finite": True,
+                                                       "impact_severity": "catastrophic"}},
+               "controls": [{"perplexity_impact": {"perplexity_ratio": 1.03,
+                                                   "modified_perplexity_finite": True}},
+                            {"perplexity_impact": {"perplexity_ratio": 1.21,
+                                                   "modified_perplexity_finite": True}}]},
+           "expert_super_weights": [{"layer": 1, "expert": 68, "row": 940, "column": 711,
+                                     "verdict": "contributor", "perplexity_ratio": 1.6,
+                                     "perplexity_ratio_interval": [1.4, 1.8]}]}
     f = findings.moe(doc)
-    assert f.sentences == ["3 MoE layers of 8 experts (top-2).", "2 super experts: L1 E68, L2 shared.",
-                           "1 expert super weight: L1 E68 [940, 711]."]
-    assert f.rows == [["L1 E68", "912"], ["L2 shared", "300"]]
+    assert f.sentences == [
+        "3 MoE layers of 8 experts (top-2).",
+        "2 super experts by the reference rule: L1 E68 (super_weight, × 40 [30, 55]); "
+        "L2 shared (no_effect, × 1.0010 [0.9990, 1.0030]).",
+        "Skipping them all: WikiText-2 perplexity × 37.5 [31, 44] (catastrophic); "
+        "2 frequency-matched control sets: at most × 1.21.",
+        "1 expert super weight: L1 E68 [940, 711] (contributor, × 1.6 [1.4, 1.8])."]
+    assert f.rows[0] == ["L1 E68", "912", "0.05", "super_weight", "40 [30, 55]", "1.02"]
+    assert f.rows[1][3] == "no_effect"
+    unjudged = findings.moe({**doc, "skip_evaluation": None,
+                             "super_experts": {"flagged": [{"layer": 1, "expert": 3}]}})
+    assert unjudged.sentences[1:3] == [
+        "1 super expert by the reference rule: L1 E3 (not judged).",
+        "Skipping them was not evaluated on WikiText-2 (evaluation off)."]
     cmp = findings.comparison({"models": [
         {"slug": "smollm2-135m", "family": "llama", "detection_ok": True,
          "super_weights": [{"layer": 11, "row": 507, "column": 1229}], "perplexity_ratio": 10.3,
