@@ -24,12 +24,17 @@ class ExecutorError(ValueError):
 class Executor(Protocol):
     def run(self, jobs: Sequence, analyse: Callable, lost: Callable) -> list[dict]: ...
 
+    def close(self) -> None: ...
+
 
 class Local:
     """One model after another, in this process (each notebook still runs in its own kernel)."""
 
     def run(self, jobs, analyse, lost):
         return [analyse(job) for job in jobs]
+
+    def close(self):
+        pass
 
 
 def from_config(runtime: dict, infos: Sequence = ()) -> Executor:
@@ -81,15 +86,17 @@ def _analyse_in_task(analyse: Callable, job):
 class RayCluster:
     """One Ray task per model on an existing cluster (`ray start --head` and workers)."""
 
-    def __init__(self, ray, num_cpus: float, num_gpus: float):
+    def __init__(self, ray, num_cpus: float, num_gpus: float, owns_connection: bool):
         self.ray, self.num_cpus, self.num_gpus = ray, num_cpus, num_gpus
+        self.owns_connection = owns_connection
 
     @classmethod
     def connect(cls, address: str | None, num_cpus: float | None, num_gpus: float | None,
                 device: str) -> RayCluster:
         ray = _import_ray()
         address = address or "auto"
-        if not ray.is_initialized():
+        owns_connection = not ray.is_initialized()
+        if owns_connection:
             try:
                 ray.init(address=address, log_to_driver=True, logging_level=logging.WARNING,
                          configure_logging=False)
@@ -105,11 +112,13 @@ class RayCluster:
                  "CPU(s) and %g GPU(s)", address, len([n for n in ray.nodes() if n["Alive"]]),
                  resources.get("CPU", 0), resources.get("GPU", 0), cpus, gpus)
         if cpus > resources.get("CPU", 0) or gpus > resources.get("GPU", 0):
+            if owns_connection:
+                ray.shutdown()
             raise ExecutorError(f"each model asks for {cpus:g} CPU(s) and {gpus:g} GPU(s) but "
                                 f"the Ray cluster at '{address}' has {resources.get('CPU', 0):g} "
                                 f"and {resources.get('GPU', 0):g}; set runtime.ray_num_cpus / "
                                 "runtime.ray_num_gpus")
-        return cls(ray, cpus, gpus)
+        return cls(ray, cpus, gpus, owns_connection)
 
     def run(self, jobs, analyse, lost):
         ray = self.ray
@@ -133,6 +142,10 @@ class RayCluster:
                 records[i] = lost(jobs[i], "interrupted")
             raise
         return records
+
+    def close(self):
+        if self.owns_connection:
+            self.ray.shutdown()
 
     def _result(self, ref, job, lost) -> dict:
         slug = job.paths.root.name

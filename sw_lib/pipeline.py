@@ -359,6 +359,8 @@ def run(config: dict, options: Options | None = None) -> RunResult:
             return _run_locked(plan, config, options, notebooks_dir)
     except FolderLocked as err:
         raise InputError(str(err)) from None
+    finally:
+        plan.executor.close()
 
 
 def _run_locked(plan: Plan, config: dict, options: Options, notebooks_dir: Path) -> RunResult:
