@@ -11,6 +11,7 @@ Ray is an optional extra (`pip install 'sw-lib[ray]'`), imported only when it is
 from __future__ import annotations
 
 import logging
+import socket
 import sys
 from typing import Callable, Protocol, Sequence
 
@@ -58,6 +59,18 @@ def _import_ray():
     return ray
 
 
+def _unreachable(address: str) -> str | None:
+    """Why HOST:PORT takes no connection (Ray itself would retry for a minute), else None."""
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        return None  # 'auto', ray://...: Ray reports those itself
+    try:
+        with socket.create_connection((host, int(port)), timeout=5):
+            return None
+    except OSError as err:
+        return err.strerror or type(err).__name__
+
+
 def gpus_per_model(device: str, num_gpus: float | None, cluster_gpus: float) -> float:
     """A model asks for one GPU when it will run on CUDA: device cuda[:N], or auto on a cluster
     that has GPUs; none otherwise. An explicit runtime.ray_num_gpus wins."""
@@ -97,6 +110,11 @@ class RayCluster:
         address = address or "auto"
         owns_connection = not ray.is_initialized()
         if owns_connection:
+            why = _unreachable(address)
+            if why:
+                raise ExecutorError(f"no Ray cluster at '{address}' ({why}); start one with "
+                                    "`ray start --head` or give its address with "
+                                    "--ray-address HOST:PORT")
             try:
                 ray.init(address=address, log_to_driver=True, logging_level=logging.WARNING,
                          configure_logging=False)

@@ -300,7 +300,8 @@ def record_lost(job: ModelJob, error: str) -> dict:
     it finished are kept from its analysis JSON, every other one is failed with `error`."""
     written = results.read_json_if_exists(job.paths.analysis_json) or {}
     model = _Model(job.info, job.paths, dict(written.get("stages") or {}))
-    for name in ("resolve", *stages.MODEL_STAGES):
+    model.stages.setdefault("resolve", results.stage_record("ok", None, job.check_seconds))
+    for name in stages.MODEL_STAGES:
         record = model.stages.get(name)
         if record is None:
             model.stages[name] = results.stage_record("failed", error)
