@@ -12,7 +12,7 @@ FIND_LINKS = $(if $(wildcard /opt/wheels),--find-links /opt/wheels,)
 PARAMS ?= params/default.yaml
 ARGS   ?=
 
-.PHONY: setup analyze test test-fast lint lab benchmarks clean-results lock
+.PHONY: setup analyze test test-fast test-deps lint lab benchmarks clean-results lock
 
 setup: $(STAMP)
 
@@ -31,15 +31,19 @@ analyze: setup
 	$(BIN)/sw-analyze --params $(PARAMS) $(ARGS)
 
 # --durations: the slowest tests, so a test that grew slow is seen
-test: setup lint
+test: setup lint test-deps
 	$(BIN)/python -m pytest -q --durations=15 $(ARGS)
 
 # ruff, configured in pyproject.toml (part of `make test`, so CI runs it)
 lint: setup
 	$(BIN)/ruff check .
 
-test-fast: setup
+test-fast: setup test-deps
 	$(BIN)/python -m pytest -q -m "not slow" --durations=10 $(ARGS)
+
+# the optional extras the tests exercise (Ray), not needed to run the analysis
+test-deps: setup
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -r requirements-test.txt
 
 lab: setup
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -r requirements-lab.txt
