@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from . import ablate, arch, gguf_header
+from . import ablate, arch, gguf_header, offload
 
 
 class ModelLoadError(RuntimeError):
@@ -264,7 +264,7 @@ def fingerprint(model: torch.nn.Module, mark: bool = False) -> str:
     if mark:
         ablate.mark_unmodified(model)
     h = hashlib.blake2b(digest_size=16)
-    for name, tensor in sorted(model.state_dict().items()):
+    for name, tensor in sorted(offload.state_tensors(model).items()):
         t = tensor.detach()
         h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
         t = t.to("cpu").contiguous()
