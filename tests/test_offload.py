@@ -3,6 +3,7 @@ super weight at its coordinates, and edits reach the offloaded weights and are u
 bit (the weights the forward pass reads, and the logits)."""
 from __future__ import annotations
 
+import pytest
 import torch
 from accelerate import dispatch_model
 
@@ -26,6 +27,7 @@ def _offloaded(tokenizer, prompt_ids, folder):
     return models.from_model(model, tokenizer, name="tiny-offloaded"), reference
 
 
+@pytest.mark.slow  # a full-vocabulary tiny model written to disk and read back every pass
 def test_offloaded_layers_detection_and_bit_exact_edits(tokenizer, prompt_ids, tmp_path):
     lm, reference = _offloaded(tokenizer, prompt_ids, tmp_path / "offload")
     down = arch.down_proj(lm.model, LAYER)
