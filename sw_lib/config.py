@@ -23,6 +23,7 @@ import yaml
 TASKS = ("hellaswag", "arc_easy", "arc_challenge", "mmlu", "gsm8k")
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 DTYPE_ALIASES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+EXECUTORS = ("local", "ray")  # sw_lib.executors
 SECTIONS = ("detection", "evaluation", "moe", "mechanisms", "quantization", "runtime")
 SPIKE_THRESHOLD_MODES = ("absolute", "relative")  # sw_lib.spikes.MODES
 
@@ -272,6 +273,14 @@ def _dtype(v):
     return v
 
 
+def _choice(options: tuple[str, ...]):
+    def check(v):
+        if v not in options:
+            raise ValueError(f"one of {', '.join(options)}")
+        return v
+    return check
+
+
 def _device(v):
     if not isinstance(v, str) or not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", v):
         raise ValueError("one of auto, cpu, cuda, cuda:N, mps")
@@ -327,6 +336,10 @@ RULES: dict[str, Callable[[Any], Any]] = {
     "runtime.seed": _int(0),
     "runtime.trust_remote_code": _bool,
     "runtime.stage_timeout": _number(0.0, low_open=True, nullable=True),
+    "runtime.executor": _choice(EXECUTORS),
+    "runtime.ray_address": _string(nullable=True),
+    "runtime.ray_num_cpus": _number(0.0, low_open=True),
+    "runtime.ray_num_gpus": _number(0.0, nullable=True),
 }
 
 

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from . import ablate, arch, gguf_header
+from . import ablate, arch, gguf_header, offload
 
 
 class ModelLoadError(RuntimeError):
@@ -334,7 +334,7 @@ def fingerprint(model: torch.nn.Module, mark: bool = False) -> str:
     if mark:
         ablate.mark_unmodified(model)
     h = hashlib.blake2b(digest_size=16)
-    for name, tensor in sorted(model.state_dict().items()):
+    for name, tensor in sorted(offload.state_tensors(model).items()):
         t = tensor.detach()
         h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
         t = t.to("cpu").contiguous()
@@ -426,8 +426,13 @@ def load_config(where: str | Path, spec: str, trust_remote_code: bool):
 
 def load_model(spec: str = DEFAULT_MODEL, dtype: str | torch.dtype = "auto", device: str = "auto",
                device_map: str | dict | None = None, trust_remote_code: bool = False,
-               use_cache: bool = True) -> LoadedModel:
-    """Load `spec` (alias, hub id, folder or .gguf) ready for analysis, in eval mode."""
+               use_cache: bool = True, memory_limit: int | None = None,
+               token_budget: int | None = None) -> LoadedModel:
+    """Load `spec` (alias, hub id, folder or .gguf) ready for analysis, in eval mode.
+
+    Without a device_map the model must fit the device: its memory estimate (weights in the
+    load dtype + the activations of `token_budget` tokens) is checked against `memory_limit`
+    bytes (default: the device's free memory) before any weight is read."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     start = time.perf_counter()
@@ -456,6 +461,8 @@ def load_model(spec: str = DEFAULT_MODEL, dtype: str | torch.dtype = "auto", dev
         config = load_config(where, spec, trust_remote_code) if not kwargs else None
     if config is not None:
         arch.family_for_model_type(config.model_type)  # one-line error before loading weights
+        if device_map is None:
+            _check_memory(spec, config, torch_dtype, dev, where, memory_limit, token_budget)
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(where, trust_remote_code=trust_remote_code,
@@ -476,6 +483,18 @@ def load_model(spec: str = DEFAULT_MODEL, dtype: str | torch.dtype = "auto", dev
                        fingerprint=fingerprint(model, mark=True), dtype=torch_dtype,
                        device=next(model.parameters()).device,
                        load_seconds=time.perf_counter() - start, info=info)
+
+
+def _check_memory(spec: str, config, torch_dtype: torch.dtype, dev: torch.device, where,
+                  memory_limit: int | None, token_budget: int | None) -> None:
+    from . import config as config_mod
+    from . import memory
+
+    budget = token_budget or config_mod.default("evaluation.token_budget")
+    needed = memory.estimate(config, str(torch_dtype).removeprefix("torch."), budget,
+                             where if isinstance(where, Path) else None)
+    limit = memory_limit if memory_limit is not None else memory.available_bytes(dev)
+    memory.check_fits(spec, needed, limit, str(dev))
 
 
 def from_model(model: torch.nn.Module, tokenizer, name: str = "in-memory") -> LoadedModel:

@@ -4,7 +4,9 @@ Before any work: every model is resolved and checked (sw_lib.models.inspect), th
 reports folders must be writable, and the results folder is locked for this run; a problem
 there raises `InputError` (one line) and nothing is created. Then for each model the
 per-model stages run in table order (a MoE-only stage only for MoE models), and the whole-run
-stages once over all models (sw_lib.runner executes each notebook).
+stages once over all models (sw_lib.runner executes each notebook). Which process runs each
+model's chain (`analyse_model`) is the executor's business (sw_lib.executors: one after another
+here, or in parallel as Ray tasks on a cluster); this module only orchestrates.
 
 Robustness: a stage that fails is recorded (status, one-line error, seconds) and the run goes
 on with the next model; stages that need a failed one are skipped. `analysis_<ts>.json` is
@@ -22,7 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from . import config as config_mod
-from . import reports, results, runner, stages
+from . import executors, reports, results, runner, stages
 from .results import ModelPaths, RunPaths
 from .runlock import FolderLocked, RunLock
 
@@ -73,6 +75,7 @@ class Plan:
     slugs: list[str]
     resume_ts: str | None  # the run to resume, None: a new run
     check_seconds: list[float] = field(default_factory=list)  # per model
+    executor: executors.Executor = field(default_factory=executors.Local)
 
 
 def check_inputs(config: dict, options: Options) -> Plan:
@@ -91,8 +94,13 @@ def check_inputs(config: dict, options: Options) -> Plan:
         start = time.perf_counter()
         infos.append(_inspect(spec, trust))
         seconds.append(round(time.perf_counter() - start, 3))
+    resume_ts = _resume_timestamp(results_dir, options.resume)
+    try:
+        executor = executors.from_config(config["runtime"], infos)
+    except executors.ExecutorError as err:
+        raise InputError(str(err)) from None
     return Plan(results_dir, reports_dir, infos, results.unique_slugs(config["models"]),
-                _resume_timestamp(results_dir, options.resume), seconds)
+                resume_ts, seconds, executor)
 
 
 def _inspect(spec: str, trust_remote_code: bool) -> ModelInfo:
@@ -257,6 +265,50 @@ def _interrupted(model: _Model, config: dict) -> None:
     _write_analysis(model, config)
 
 
+@dataclass
+class ModelJob:
+    """One model's share of a run: what its stage chain needs, picklable for a Ray task."""
+    info: ModelInfo
+    paths: ModelPaths
+    config: dict
+    options: Options
+    notebooks_dir: Path
+    resume: bool
+    check_seconds: float
+
+
+def analyse_model(job: ModelJob) -> dict:
+    """Run one model's stage chain (both executors call this); returns its stage records.
+    A stage that fails is recorded, never raised; the analysis JSON is on disk throughout."""
+    before = results.read_json_if_exists(job.paths.analysis_json) if job.resume else None
+    model = _Model(job.info, job.paths)
+    with _FileLog(job.paths.log_file):
+        log.info("model %s (%s) -> %s", job.info.spec, model.slug, job.paths.root)
+        log.debug("configuration:\n%s", config_mod.dump(job.config))
+        try:
+            _run_model(model, job.config, job.options, job.notebooks_dir,
+                       (before or {}).get("stages", {}), job.check_seconds)
+        except KeyboardInterrupt:
+            _interrupted(model, job.config)
+            raise
+        _write_analysis(model, job.config, check=True)
+    return model.stages
+
+
+def record_lost(job: ModelJob, error: str) -> dict:
+    """The model's chain died with its process (a cluster node lost, interrupted): the stages
+    it finished are kept from its analysis JSON, every other one is failed with `error`."""
+    written = results.read_json_if_exists(job.paths.analysis_json) or {}
+    model = _Model(job.info, job.paths, dict(written.get("stages") or {}))
+    model.stages.setdefault("resolve", results.stage_record("ok", None, job.check_seconds))
+    for name in stages.MODEL_STAGES:
+        record = model.stages.get(name)
+        if record is None:
+            model.stages[name] = results.stage_record("failed", error)
+    _write_analysis(model, job.config)
+    return model.stages
+
+
 # --- logging -----------------------------------------------------------------------------------
 
 
@@ -308,6 +360,8 @@ def run(config: dict, options: Options | None = None) -> RunResult:
             return _run_locked(plan, config, options, notebooks_dir)
     except FolderLocked as err:
         raise InputError(str(err)) from None
+    finally:
+        plan.executor.close()
 
 
 def _run_locked(plan: Plan, config: dict, options: Options, notebooks_dir: Path) -> RunResult:
@@ -317,26 +371,16 @@ def _run_locked(plan: Plan, config: dict, options: Options, notebooks_dir: Path)
     run_paths.log_file.touch()  # claims the timestamp in this folder
     log.info("run %s: %d model(s) -> %s", ts, len(plan.slugs), plan.results_dir)
 
+    jobs = [ModelJob(info, run_paths.model(slug_).make(), config, options, notebooks_dir,
+                     plan.resume_ts is not None, seconds)
+            for info, slug_, seconds in zip(plan.models, plan.slugs, plan.check_seconds)]
     any_redone = False
     failures: list[str] = []
-    for info, slug_, seconds in zip(plan.models, plan.slugs, plan.check_seconds):
-        paths = run_paths.model(slug_).make()
-        before = results.read_json_if_exists(paths.analysis_json) if plan.resume_ts else None
-        model = _Model(info, paths)
-        with _FileLog(paths.log_file):
-            log.info("model %s (%s) -> %s", info.spec, slug_, paths.root)
-            log.debug("configuration:\n%s", config_mod.dump(config))
-            try:
-                _run_model(model, config, options, notebooks_dir,
-                           (before or {}).get("stages", {}), seconds)
-            except KeyboardInterrupt:
-                _interrupted(model, config)
-                raise
-            _write_analysis(model, config, check=True)
+    for job, model_stages in zip(jobs, plan.executor.run(jobs, analyse_model, record_lost)):
         any_redone |= any(not s.get("reused") and s["status"] != "skipped"
-                          for name, s in model.stages.items() if name != "resolve")
-        failures += [f"{info.spec}: {name}: {s['error']}" for name, s in model.stages.items()
-                     if s["status"] == "failed"]
+                          for name, s in model_stages.items() if name != "resolve")
+        failures += [f"{job.info.spec}: {name}: {s['error']}"
+                     for name, s in model_stages.items() if s["status"] == "failed"]
 
     with _FileLog(run_paths.log_file):
         comparison_record = _compare(run_paths, plan, config, options, notebooks_dir, any_redone)
