@@ -28,8 +28,8 @@ def test_default_model_loads_from_cache_with_stable_fingerprint(smol):
     assert smol.family.name == "llama" and arch.num_layers(smol.model) == 30
     assert smol.dtype == torch.float32 and smol.source == "gguf"
     again = models.load_model("smollm2-135m", dtype="float32")
+    # from the dequantized cache (no GGUF conversion), the same weights
     assert again.info["cache_hit"] and again.fingerprint == smol.fingerprint
-    assert again.load_seconds < 15  # the dequantized cache, not a 20 s GGUF conversion
 
 
 def test_gguf_cache_is_rebuilt_from_the_file(tmp_path, monkeypatch):
