@@ -58,7 +58,7 @@ def test_every_stage_notebook_exists():
     assert missing == []
 
 
-@pytest.mark.timeout(600)  # the module's sw-analyze run (7 stages x 2 models) is set up here
+@pytest.mark.timeout(900)  # the module's sw-analyze run (7 stages x 2 models) is set up here
 def test_two_models_whole_tree(cli_run):
     code, root, ts = cli_run
     assert code == 0

@@ -11,6 +11,7 @@ import pytest
 from test_notebooks_ablation import PROMPT, TS, _detection, _png_ok, _weight
 
 from sw_lib import edits, evaluate, models
+from sw_lib.config import default
 from sw_lib.edits import WeightQuantization, scale, zero
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -90,7 +91,8 @@ def test_notebooks_06_and_07_on_a_planted_tiny_model(tiny_folder, tmp_path):
     assert len(grid) == 2 * 2 * 2
     aware = grid[(3, "tensor", "super_weight_aware")]
     direct = evaluate.perplexity(
-        lm, [WeightQuantization.super_weight_aware(3, "tensor", 3.0, PLANTED)], seq_len=32,
+        lm, [WeightQuantization.super_weight_aware(3, "tensor", default("quantization.clip_z"),
+                                                   PLANTED)], seq_len=32,
         n_windows=2, cache=False, progress=False)
     assert aware["perplexity"] == pytest.approx(direct["perplexity"], rel=1e-6)
     assert aware["edit"]["keep"] == [{**w, "expert": None, "shared": False} for w in PLANTED]
