@@ -55,6 +55,7 @@ FIELDS = {
     "restore_tasks": "mechanisms.restore_tasks",
     "scaling_factors": "mechanisms.scaling_factors",
     "scaling_tasks": "mechanisms.scaling_tasks",
+    "stop_word_top_k": "mechanisms.stop_word_top_k",
     "quantization": "quantization.run_quantization",
     "weight_bits": "quantization.weight_bits",
     "block_sizes": "quantization.block_sizes",
@@ -223,6 +224,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="factors the super weights are multiplied by")
     g.add_argument("--scaling-tasks", nargs="*", metavar="TASK",
                    help="accuracy tasks of the scaling sweep (none: perplexity only)")
+    g.add_argument("--stop-word-top-k", type=_integer, metavar="K",
+                   help="stop-word shift: the K tokens whose probability rose most when zeroed")
     g.add_argument("--quantization", action=argparse.BooleanOptionalAction, default=None,
                    help="notebook 07: weight and activation quantization")
     g.add_argument("--weight-bits", nargs="+", type=_integer, metavar="B",
