@@ -1,6 +1,6 @@
 """Issue 11 item 5: `sw-analyze` on a tiny MoE model given as a .gguf file, with a planted super
-expert, beside a tiny dense model: every stage runs (01-04 for the MoE model, 01-03 for the dense
-one, 05 for both), with the real notebooks."""
+expert, beside a tiny dense model: every stage runs (01-04, 06, 07 for the MoE model; 01-03, 06, 07 for
+the dense one; 05 for both), with the real notebooks."""
 from __future__ import annotations
 
 import pytest
@@ -66,7 +66,7 @@ def test_sw_analyze_runs_every_stage_on_a_planted_moe_gguf_beside_a_dense_model(
     assert {s.name: analysis["stages"][s.name]["status"] for s in stages.STAGES
             if s.name in analysis["stages"]} == {
         "01_detection": "ok", "02_individual_ablation": "ok", "03_combined_ablation": "ok",
-        "04_moe_routing": "ok"}
+        "04_moe_routing": "ok", "06_mechanisms": "ok", "07_quantization": "ok"}
     # notebook 01 finds the expert super weight the super expert holds, and 02/03 ablate it
     found = [(w["layer"], w["expert"], w["row"], w["column"])
              for w in analysis["detection"]["super_weights"]]
