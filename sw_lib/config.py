@@ -273,14 +273,6 @@ def _dtype(v):
     return v
 
 
-def _choice(options: tuple[str, ...]):
-    def check(v):
-        if v not in options:
-            raise ValueError(f"one of {', '.join(options)}")
-        return v
-    return check
-
-
 def _device(v):
     if not isinstance(v, str) or not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", v):
         raise ValueError("one of auto, cpu, cuda, cuda:N, mps")

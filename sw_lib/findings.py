@@ -378,7 +378,7 @@ def moe(doc: dict) -> Findings:
                   + "; ".join(f"{_expert(e)} ({_judged(e)})" for e in flagged) + "."
                   if flagged else "No super expert is flagged by the reference rule.")]
     if flagged:
-        sentences.append(_skip_sentence(doc))
+        sentences.append(skip_sentence(doc))
     sentences.append(f"{plural(len(found), 'expert super weight')}: "
                      + "; ".join(f"{weight_label(w)} ({_judged(w)})" for w in found[:8])
                      + ("..." if len(found) > 8 else "") + "."
@@ -392,7 +392,7 @@ def moe(doc: dict) -> Findings:
     return Findings(title, sentences, columns if rows else [], _capped(rows, len(columns)))
 
 
-def _skip_sentence(doc: dict) -> str:
+def skip_sentence(doc: dict) -> str:
     """What skipping the super experts did to WikiText-2 perplexity, beside the controls."""
     skipping = doc.get("skip_evaluation") or {}
     impact = (skipping.get("super_experts") or {}).get("perplexity_impact")

@@ -19,7 +19,7 @@ import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
-from .. import arch, config, results, spikes, verdict
+from .. import arch, config, findings, results, spikes, verdict
 from ..study import StudySettings
 from .capture import batches_of, run_batches
 from .controls import STATEMENT, match_quality, matched_controls, routing_frequency
@@ -176,27 +176,13 @@ def moe_analysis(lm, settings: MoESettings | None = None, evaluation: StudySetti
 
 
 def headline(document: dict) -> str:
-    """One sentence: the super experts' skip effect against the controls' (or why there is none)."""
+    """One sentence: the super experts' skip effect against the controls' (or why there is none);
+    the same sentence as the report's findings block."""
     if not document.get("is_moe"):
         return f"{document['model']} has no mixture-of-experts layers."
-    flagged = document["super_experts"]["flagged"]
-    if not flagged:
+    if not document["super_experts"]["flagged"]:
         return "No super expert was flagged: nothing to skip."
-    skipping = document.get("skip_evaluation")
-    if skipping is None or skipping["super_experts"]["perplexity_impact"] is None:
-        return f"{len(flagged)} super expert(s) flagged; perplexity not evaluated."
-    se = skipping["super_experts"]["perplexity_impact"]
-    controls = [c["perplexity_impact"] for c in skipping["controls"]]
-    ratio = "not finite" if not se["modified_perplexity_finite"] else f"x{se['perplexity_ratio']:.3g}"
-    text = (f"Skipping {len(flagged)} super expert(s): perplexity {se['baseline_perplexity']:.4g} "
-            f"-> {se['modified_perplexity']:.4g} ({ratio}, {se['impact_severity']})")
-    if controls:
-        worst = max(controls, key=lambda c: c["perplexity_ratio"] if c["modified_perplexity_finite"]
-                    else float("inf"))
-        severities = sorted({c["impact_severity"] for c in controls})
-        text += (f"; {len(controls)} frequency-matched control set(s): at most "
-                 f"x{worst['perplexity_ratio']:.3g} ({', '.join(severities)})")
-    return text + "."
+    return findings.skip_sentence(document)
 
 
 def save(document: dict, paths: results.ModelPaths, files: dict[str, Path] | None = None) -> Path:
