@@ -351,8 +351,11 @@ def test_interrupted_run_resumed_gives_the_same_json(cli_run, tiny_specs, tmp_pa
     argv = [sys.executable, "-m", "sw_lib", "--models", *tiny_specs, "--results-dir", str(root),
             "--cache-dir", cache, *TINY_RUN]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    # SIGINT as in a terminal: a suite started in the background (CI, `cmd &`) inherits SIGINT
+    # ignored, and an ignored signal stays ignored in the child, so Ctrl-C would never arrive.
     run = subprocess.Popen(argv, cwd=tmp_path, env=env, start_new_session=True,
-                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                           preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     stage_notebook = root / "tiny-llama" / "notebooks"
     deadline = time.monotonic() + 300
     while not list(stage_notebook.glob("02_individual_ablation_*.ipynb")):
