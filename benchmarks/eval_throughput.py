@@ -38,6 +38,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import flops  # noqa: E402
 
 from sw_lib.evaluate import TASKS  # noqa: E402
+from sw_lib.evaluate.batching import DEFAULT_BATCH_SIZE, DEFAULT_TOKEN_BUDGET  # noqa: E402
 
 # SmolLM2-135M-Instruct's super weight (largest down_proj input/output spike, layer 11;
 # zeroing it alone takes WikiText-2 perplexity from ~34 to ~257 on 512-token windows).
@@ -101,8 +102,8 @@ def run_engine(args) -> dict:
     from sw_lib.evaluate import EvalCache, perplexity, run_task
     from sw_lib.models import load_model
 
-    lm = load_model(args.model, dtype=args.dtype, device="cpu")
-    peak = flops.matmul_peak(lm.dtype)
+    lm = load_model(args.model, dtype=args.dtype, device=args.device)
+    peak = flops.matmul_peak(lm.dtype, lm.device)
     warm = time.perf_counter()
     warm_up(lm, args)
     warm = time.perf_counter() - warm
@@ -111,8 +112,10 @@ def run_engine(args) -> dict:
     # As an analysis after detection: the baseline keeps the inputs of the weights' layers,
     # so each ablated pass starts at its layer (sw_lib.evaluate.prefix).
     keep = sorted({w.layer for w in weights}) if args.reuse else []
+    sizes = {"batch_size": args.batch_size, "token_budget": args.token_budget}
     out = {"conditions": [], "condition_seconds": [], "peak_gflops": peak,
-           "dtype": str(lm.dtype), "threads": torch.get_num_threads(), "baseline_tasks": {}}
+           "dtype": str(lm.dtype), "device": str(lm.device), "threads": torch.get_num_threads(),
+           "baseline_tasks": {}}
     with tempfile.TemporaryDirectory() as folder:
         cache = EvalCache(folder)
         start = time.perf_counter()
@@ -120,14 +123,14 @@ def run_engine(args) -> dict:
             t = time.perf_counter()
             timings = {}
             ppl = perplexity(lm, edits, seq_len=args.seq_len, n_windows=args.windows,
-                             cache=cache, progress=False, keep_layers=keep)
+                             cache=cache, progress=False, keep_layers=keep, **sizes)
             timings["perplexity"] = time.perf_counter() - t
             tasks = {}
             for task in args.tasks:
                 t_task = time.perf_counter()
                 n = args.gsm8k_items if task == "gsm8k" else args.items
                 tasks[task] = run_task(lm, task, n, edits=edits, cache=cache, progress=False,
-                                       keep_layers=keep)
+                                       keep_layers=keep, **sizes)
                 timings[task] = time.perf_counter() - t_task
             out["condition_seconds"].append(time.perf_counter() - t)
             if index == 0:  # the cold baseline: the work of each task, and its time
@@ -154,7 +157,7 @@ def run_reference(args) -> dict:
 
     from sw_lib.models import load_model
 
-    lm = load_model(args.model, dtype=args.dtype, device="cpu")
+    lm = load_model(args.model, dtype=args.dtype, device=args.device)
     weights = [parse_weight(w) for w in args.weights]
     tasks = {task: args.gsm8k_items if task == "gsm8k" else args.items for task in args.tasks}
     start = time.perf_counter()
@@ -179,8 +182,10 @@ def child(side: str, args) -> dict:
     """Run one side in a fresh interpreter and read its JSON result."""
     cmd = [sys.executable, __file__, "--side", side, "--model", args.model, "--items", str(args.items),
            "--gsm8k-items", str(args.gsm8k_items), "--windows", str(args.windows),
-           "--seq-len", str(args.seq_len), "--dtype", args.dtype, "--tasks", *args.tasks,
+           "--seq-len", str(args.seq_len), "--dtype", args.dtype, "--device", args.device,
+           "--tasks", *args.tasks,
            "--weights", *args.weights, "--threads", str(args.threads),
+           "--batch-size", str(args.batch_size), "--token-budget", str(args.token_budget),
            *([] if args.reuse else ["--no-reuse"])]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT:")]
@@ -207,6 +212,12 @@ def main() -> None:
     parser.add_argument("--gsm8k-items", type=int, default=8, help="GSM8K problems (default 8)")
     parser.add_argument("--seq-len", type=int, default=2048)
     parser.add_argument("--dtype", default="float32", help="model dtype of both sides")
+    parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE,
+                        help=f"engine: most items per forward pass (default {DEFAULT_BATCH_SIZE})")
+    parser.add_argument("--token-budget", type=int, default=DEFAULT_TOKEN_BUDGET,
+                        help=f"engine: most padded tokens per pass (default {DEFAULT_TOKEN_BUDGET}; "
+                             "raise on a GPU)")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (both sides)")
     parser.add_argument("--tasks", nargs="+", default=["hellaswag", "arc_easy", "mmlu", "gsm8k"])
     parser.add_argument("--weights", nargs="+", default=DEFAULT_WEIGHTS,
                         help="super weights as layer:row:column")
@@ -230,8 +241,10 @@ def main() -> None:
     print(f"workload: {len(args.weights)} weight(s) {args.weights}: baseline + each alone + "
           f"combined; perplexity {args.windows} x {args.seq_len} tokens; "
           f"{', '.join(t for t in args.tasks if t != 'gsm8k')} x {args.items} items"
-          f"{f', gsm8k x {args.gsm8k_items}' if 'gsm8k' in args.tasks else ''}; {args.dtype}; "
-          f"prefix reuse {'on' if args.reuse else 'off'}, threads {args.threads or 'default'}")
+          f"{f', gsm8k x {args.gsm8k_items}' if 'gsm8k' in args.tasks else ''}; "
+          f"{args.dtype} on {args.device}; "
+          f"prefix reuse {'on' if args.reuse else 'off'}, threads {args.threads or 'default'}, "
+          f"engine batches <= {args.batch_size} items / {args.token_budget} tokens")
     engine = child("engine", args)
     reference = child("reference", args)
     same, total = agreement(engine, reference)
@@ -252,7 +265,8 @@ def main() -> None:
     print(f"(engine total includes {engine['warm_up_seconds']:.1f} s of one-time warm-up: data, "
           f"WikiText-2 tokens, fast-path checks)")
     print(f"\nbaseline condition, per task (matmul peak in the engine's process: "
-          f"{engine['peak_gflops']:.0f} GFLOP/s, {engine['dtype']}, {engine['threads']} threads; "
+          f"{engine['peak_gflops']:.0f} GFLOP/s, {engine['dtype']} on {engine['device']}, "
+          f"{engine['threads']} threads; "
           f"target >= 70% on multiple choice and perplexity)")
     print(f"{'task':<14}{'seconds':>9}{'model GFLOP':>13}{'GFLOP/s':>9}{'of peak':>9}")
     for task, t in engine["baseline_tasks"].items():

@@ -72,13 +72,28 @@ def generation(prompt: int, generated: int) -> tuple[int, int, int]:
     return prompt + fed, causal_pairs(prompt) + sum(prompt + j for j in range(1, fed + 1)), generated
 
 
-def matmul_peak(dtype: torch.dtype, size: int = 2048, seconds: float = 3.0) -> float:
-    """GFLOP/s of a square matmul in this process (its dtype and thread count)."""
-    a = torch.randn(size, size).to(dtype)
-    b = torch.randn(size, size).to(dtype)
+def matmul_peak(dtype: torch.dtype, device: str | torch.device = "cpu", size: int | None = None,
+                seconds: float = 3.0) -> float:
+    """GFLOP/s of a square matmul in this process (its dtype, thread count and device).
+
+    On a GPU the products are 8192 wide (smaller ones do not fill the chip) and each timed
+    stretch ends with a synchronize, so queued kernels are counted."""
+    device = torch.device(device)
+    size = size or (8192 if device.type == "cuda" else 2048)
+    a = torch.randn(size, size).to(device=device, dtype=dtype)
+    b = torch.randn(size, size).to(device=device, dtype=dtype)
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
     torch.matmul(a, b)
+    sync()
     runs, start = 0, time.perf_counter()
     while time.perf_counter() - start < seconds:
         torch.matmul(a, b)
         runs += 1
+        if runs % 10 == 0:
+            sync()
+    sync()
     return 2.0 * size ** 3 * runs / (time.perf_counter() - start) / 1e9
