@@ -92,6 +92,16 @@ def _integer(text: str) -> int:
     return value
 
 
+def _token_budget(text: str):
+    """An integer (also written as 1e3), or 'auto'."""
+    if text.strip().lower() == "auto":
+        return "auto"
+    value = config_mod.as_count(text)
+    if not isinstance(value, int):
+        raise argparse.ArgumentTypeError(f"invalid token budget: '{text}' (an integer or 'auto')")
+    return value
+
+
 def _seconds(text: str):
     """Seconds, or 'none' (no limit)."""
     if text.lower() in ("none", "null"):
@@ -186,8 +196,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="GSM8K items (generation is slow), or 'all'")
     g.add_argument("--batch-size", type=_integer, metavar="N",
                    help="most items (questions, windows, prompts) per forward pass")
-    g.add_argument("--token-budget", type=_integer, metavar="N",
-                   help="most padded tokens per forward pass")
+    g.add_argument("--token-budget", type=_token_budget, metavar="N|auto",
+                   help="most padded tokens per forward pass; auto: sized to the memory free "
+                        "after the model loads (at most 1024 on a CPU, 32768 on a GPU)")
     g.add_argument("--include-contributors", action=argparse.BooleanOptionalAction, default=None,
                    help="the ablation notebooks also zero the candidates with verdict "
                         "contributor (off: super weights only)")
