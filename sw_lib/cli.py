@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 from . import config as config_mod
+from . import memory
 
 # flag destination -> dotted field in the params tree
 FIELDS = {
@@ -197,8 +198,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--batch-size", type=_integer, metavar="N",
                    help="most items (questions, windows, prompts) per forward pass")
     g.add_argument("--token-budget", type=_token_budget, metavar="N|auto",
-                   help="most padded tokens per forward pass; auto: sized to the memory free "
-                        "after the model loads (at most 1024 on a CPU, 32768 on a GPU)")
+                   help="most padded tokens per forward pass; auto: half the memory free after "
+                        f"the model loads, at most {memory.AUTO_CAPS['cpu']} on a CPU and "
+                        f"{memory.AUTO_CAPS['cuda']} on a GPU")
     g.add_argument("--include-contributors", action=argparse.BooleanOptionalAction, default=None,
                    help="the ablation notebooks also zero the candidates with verdict "
                         "contributor (off: super weights only)")
