@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 from . import config as config_mod
+from . import memory
 
 # flag destination -> dotted field in the params tree
 FIELDS = {
@@ -89,6 +90,16 @@ def _integer(text: str) -> int:
     value = config_mod.as_count(text)
     if not isinstance(value, int):
         raise argparse.ArgumentTypeError(f"invalid integer: '{text}'")
+    return value
+
+
+def _token_budget(text: str):
+    """An integer (also written as 1e3), or 'auto'."""
+    if text.strip().lower() == "auto":
+        return "auto"
+    value = config_mod.as_count(text)
+    if not isinstance(value, int):
+        raise argparse.ArgumentTypeError(f"invalid token budget: '{text}' (an integer or 'auto')")
     return value
 
 
@@ -186,8 +197,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="GSM8K items (generation is slow), or 'all'")
     g.add_argument("--batch-size", type=_integer, metavar="N",
                    help="most items (questions, windows, prompts) per forward pass")
-    g.add_argument("--token-budget", type=_integer, metavar="N",
-                   help="most padded tokens per forward pass")
+    g.add_argument("--token-budget", type=_token_budget, metavar="N|auto",
+                   help="most padded tokens per forward pass; auto: half the memory free after "
+                        f"the model loads, at most {memory.AUTO_CAPS['cpu']} on a CPU and "
+                        f"{memory.AUTO_CAPS['cuda']} on a GPU")
     g.add_argument("--include-contributors", action=argparse.BooleanOptionalAction, default=None,
                    help="the ablation notebooks also zero the candidates with verdict "
                         "contributor (off: super weights only)")

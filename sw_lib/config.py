@@ -273,6 +273,17 @@ def _dtype(v):
     return v
 
 
+def _token_budget(v):
+    """Padded tokens per forward pass: a positive integer, or "auto" (sized to the free memory
+    once the model is loaded: memory.resolve_token_budget)."""
+    if isinstance(v, str) and v.strip().lower() == "auto":
+        return "auto"
+    v = as_count(v)
+    if not _is_int(v) or v < 1:
+        raise ValueError('a positive integer or "auto"')
+    return v
+
+
 def _device(v):
     if not isinstance(v, str) or not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", v):
         raise ValueError("one of auto, cpu, cuda, cuda:N, mps")
@@ -304,7 +315,7 @@ RULES: dict[str, Callable[[Any], Any]] = {
     "evaluation.mmlu_shots": _int(0, 5),
     "evaluation.gsm8k_samples": _int(1, nullable=True),
     "evaluation.batch_size": _int(1),
-    "evaluation.token_budget": _int(1),
+    "evaluation.token_budget": _token_budget,
     "evaluation.cache_dir": _string(nullable=True),
     "moe.router_analysis_samples": _int(1),
     "moe.tokens_per_text": _int(2),

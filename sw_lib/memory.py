@@ -6,6 +6,10 @@ table of a GGUF file (exact; dequantized to the load dtype), else from the confi
 The evaluation's activations: one forward pass of `token_budget` tokens keeps the float32
 logits (tokens x vocabulary) and a few hidden- and MLP-wide tensors per token. A model that
 will not fit fails at once with the numbers (`MemoryError`, one line), not minutes into loading.
+
+The evaluation's token budget (padded tokens per forward pass) may be "auto": once per loaded
+model, after loading, `resolve_token_budget` sizes it to the memory then free, capped per
+device type (`AUTO_CAPS`).
 """
 from __future__ import annotations
 
@@ -16,6 +20,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 GIB = 1024 ** 3
+AUTO = "auto"
+# The most tokens per forward pass "auto" gives, by device type. CPU: 1024, the measured best
+# there (evaluate/batching.py: larger batches were not faster and cost memory). CUDA and MPS:
+# the free memory decides; the cap only bounds one pass (32768 tokens of float32 logits over a
+# 150k vocabulary are ~19 GiB), far past the batch at which a GPU's matmuls are saturated, so
+# a larger pass would gain no speed and only hold more memory. Other types get the CPU's cap.
+AUTO_CAPS = {"cpu": 1024, "cuda": 32768, "mps": 32768}
+AUTO_FLOOR = 64  # "auto" never gives fewer tokens; the check before loading counts these
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 
 
@@ -139,3 +151,40 @@ def token_budget_for(free_bytes: int, config, dtype: str, share: float = 0.5,
     the weights) goes to activations; at least `floor`."""
     per_token = activations_bytes(config, 1, dtype)
     return max(floor, int(free_bytes * share // per_token))
+
+
+def auto_token_budget(free_bytes: int, config, dtype: str, device_type: str) -> int:
+    """What "auto" gives: half of `free_bytes` spent on activations, within the device type's
+    cap (AUTO_CAPS) and at least AUTO_FLOOR."""
+    cap = AUTO_CAPS.get(device_type, AUTO_CAPS["cpu"])
+    return min(cap, token_budget_for(free_bytes, config, dtype, floor=AUTO_FLOOR))
+
+
+def check_token_budget(setting) -> int | str:
+    """A token budget setting, normalised by the params rule: a positive integer or "auto";
+    anything else raises ValueError in one line naming evaluation.token_budget."""
+    from . import config
+
+    try:
+        return config.RULES["evaluation.token_budget"](setting)
+    except ValueError as err:
+        raise ValueError(f"evaluation.token_budget: must be {err}, got {setting!r}") from None
+
+
+def resolve_token_budget(lm, setting) -> int:
+    """The padded tokens per forward pass an evaluation of `lm` (a LoadedModel) uses.
+
+    An integer setting is used as it is. "auto" is resolved once per loaded model, at the first
+    call (after loading, before any evaluation holds memory), to `auto_token_budget` of the
+    memory then free on the model's device (for a device_map model: where its first weights
+    are), and kept on `lm.auto_token_budget` so every later call of the run agrees.
+    """
+    setting = check_token_budget(setting)
+    if setting != AUTO:
+        return setting
+    if getattr(lm, "auto_token_budget", None) is None:
+        device = next(lm.model.parameters()).device
+        dtype = str(next(lm.model.parameters()).dtype).removeprefix("torch.")
+        lm.auto_token_budget = auto_token_budget(available_bytes(device), lm.model.config,
+                                                 dtype, device.type)
+    return lm.auto_token_budget

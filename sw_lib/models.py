@@ -76,6 +76,7 @@ class LoadedModel:
     device: torch.device
     load_seconds: float
     info: dict = field(default_factory=dict)
+    auto_token_budget: int | None = None  # "auto" resolved for this model (memory.py), once
 
     @property
     def slug(self) -> str:
@@ -427,12 +428,13 @@ def load_config(where: str | Path, spec: str, trust_remote_code: bool):
 def load_model(spec: str = DEFAULT_MODEL, dtype: str | torch.dtype = "auto", device: str = "auto",
                device_map: str | dict | None = None, trust_remote_code: bool = False,
                use_cache: bool = True, memory_limit: int | None = None,
-               token_budget: int | None = None) -> LoadedModel:
+               token_budget: int | str | None = None) -> LoadedModel:
     """Load `spec` (alias, hub id, folder or .gguf) ready for analysis, in eval mode.
 
     Without a device_map the model must fit the device: its memory estimate (weights in the
-    load dtype + the activations of `token_budget` tokens) is checked against `memory_limit`
-    bytes (default: the device's free memory) before any weight is read."""
+    load dtype + the activations of `token_budget` tokens; "auto": its smallest resolution,
+    memory.AUTO_FLOOR) is checked against `memory_limit` bytes (default: the device's free
+    memory) before any weight is read."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     start = time.perf_counter()
@@ -491,6 +493,8 @@ def _check_memory(spec: str, config, torch_dtype: torch.dtype, dev: torch.device
     from . import memory
 
     budget = token_budget or config_mod.default("evaluation.token_budget")
+    if budget == memory.AUTO:  # resolved after loading; the model must fit its smallest pass
+        budget = memory.AUTO_FLOOR
     needed = memory.estimate(config, str(torch_dtype).removeprefix("torch."), budget,
                              where if isinstance(where, Path) else None)
     limit = memory_limit if memory_limit is not None else memory.available_bytes(dev)

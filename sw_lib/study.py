@@ -27,11 +27,11 @@ import json
 import math
 import time
 from collections import defaultdict
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Iterable, Sequence
 
-from . import ablate, config
+from . import ablate, config, memory
 from .ablate import WeightEdit, weight_label, zero
 from .evaluate import stats
 
@@ -147,15 +147,27 @@ class StudySettings:
     mmlu_shots: int = field(default_factory=_default("mmlu_shots"))
     gsm8k_samples: int | None = field(default_factory=_default("gsm8k_samples"))
     batch_size: int = field(default_factory=_default("batch_size"))
-    token_budget: int = field(default_factory=_default("token_budget"))
+    token_budget: int | str = field(default_factory=_default("token_budget"))  # or "auto"
     skip_perplexity: bool = field(default_factory=_default("skip_perplexity"))
     skip_accuracy: bool = field(default_factory=_default("skip_accuracy"))
     progress: bool = True
+    # The tokens per forward pass the run used (token_budget, "auto" resolved): set by for_model.
+    resolved_token_budget: int | None = None
 
     def __post_init__(self):
         if isinstance(self.accuracy_tasks, str):
             self.accuracy_tasks = (self.accuracy_tasks,)
         self.accuracy_tasks = tuple(self.accuracy_tasks)
+        self.token_budget = memory.check_token_budget(self.token_budget)
+
+    def for_model(self, lm) -> "StudySettings":
+        """These settings with the token budget resolved for the loaded model `lm` (an integer
+        stays as it is; "auto" is sized to the memory free after loading, once per model), so
+        the results record the number used. Without a model (nothing to evaluate): unchanged."""
+        if lm is None:
+            return self
+        return replace(self, resolved_token_budget=memory.resolve_token_budget(
+            lm, self.token_budget))
 
     @classmethod
     def from_dict(cls, params: dict) -> "StudySettings":
@@ -206,6 +218,7 @@ def evaluate_condition(lm, edits: Iterable[WeightEdit], settings: StudySettings,
     keep_layers = tuple(keep_layers)
     from . import evaluate
 
+    settings = settings.for_model(lm)
     edits = list(edits)
     start = time.perf_counter()
     condition = Condition(edits=edits, settings=settings.key())
@@ -213,12 +226,13 @@ def evaluate_condition(lm, edits: Iterable[WeightEdit], settings: StudySettings,
         condition.perplexity = evaluate.perplexity(
             lm, edits=edits, seq_len=settings.seq_len, n_windows=settings.perplexity_samples,
             batch_size=settings.batch_size, cache=cache, progress=settings.progress,
-            keep_layers=keep_layers, token_budget=settings.token_budget)
+            keep_layers=keep_layers, token_budget=settings.resolved_token_budget)
     for task in settings.tasks():
         condition.tasks[task] = evaluate.run_task(
             lm, task, n_samples=settings.samples_for(task), edits=edits, cache=cache,
             shots=settings.shots_for(task), batch_size=settings.batch_size,
-            progress=settings.progress, keep_layers=keep_layers, token_budget=settings.token_budget)
+            progress=settings.progress, keep_layers=keep_layers,
+            token_budget=settings.resolved_token_budget)
     condition.seconds = time.perf_counter() - start
     return condition
 
@@ -230,7 +244,7 @@ def _condition_key(edits: Sequence[WeightEdit], settings: StudySettings) -> tupl
 def evaluate_against(lm, baseline: Condition, edits: Iterable[WeightEdit],
                      settings: StudySettings, cache=None) -> Condition:
     """The condition `edits` on the baseline's items, evaluated at most once per baseline."""
-    edits = list(edits)
+    edits, settings = list(edits), settings.for_model(lm)
     key = _condition_key(edits, settings)
     if key not in baseline.evaluated:
         baseline.evaluated[key] = evaluate_condition(lm, edits, settings, cache)
@@ -381,7 +395,7 @@ def individual_ablation(lm, weights: Sequence[dict], settings: StudySettings | N
     Returns {"unit", "settings", "baseline": summary, "analyses": [analysis, ...]}, one
     analysis per unit in detection order; pass `baseline` to reuse one already evaluated.
     """
-    settings = settings or StudySettings()
+    settings = (settings or StudySettings()).for_model(lm)
     units = ablation_units(weights, unit)
     if baseline is None:
         baseline = evaluate_condition(lm, [], settings, cache,
@@ -402,7 +416,7 @@ def combined_ablation(lm, weights: Sequence[dict], settings: StudySettings | Non
     `reused` is true when the same condition was already evaluated against this `baseline`
     (e.g. by `individual_ablation` with a single weight) and its results were taken as they are.
     """
-    settings = settings or StudySettings()
+    settings = (settings or StudySettings()).for_model(lm)
     weights = list(weights)
     result = {"label": "all " + str(len(weights)) + " super weights", "super_weights": weights,
               "settings": settings.to_dict(), "baseline": None, "perplexity_impact": None,

@@ -98,6 +98,10 @@ def test_normalisation(tmp_path):
     ("detection:\n  max_iterations: 2.5\n", "detection.max_iterations: must be an integer"),
     ("detection:\n  confirm: yes please\n", "detection.confirm: must be true or false"),
     ("evaluation:\n  batch_size: true\n", "evaluation.batch_size: must be an integer >= 1"),
+    ("evaluation:\n  token_budget: lots\n",
+     "p.yaml: evaluation.token_budget: must be a positive integer or \"auto\", got 'lots'"),
+    ("evaluation:\n  token_budget: 0\n",
+     "evaluation.token_budget: must be a positive integer or \"auto\", got 0"),
     ("evaluation:\n  accuracy_samples: -5\n",
      "evaluation.accuracy_samples: must be an integer >= 1 or null (all), got -5"),
     ("evaluation:\n  gsm8k_samples: 0\n", "evaluation.gsm8k_samples: must be an integer >= 1"),
@@ -207,3 +211,25 @@ def test_every_notebook_parameters_cell_agrees_with_default_params(stage):
     mismatches = {k: {"notebook": values[k], "params/default.yaml": shared[k]}
                   for k in sorted(values.keys() & shared.keys()) if values[k] != shared[k]}
     assert mismatches == {}
+
+
+def test_token_budget_auto_or_integer_from_file_and_flag_to_study_settings(tmp_path):
+    """"auto" (the default) and integers, from the params file or --token-budget, reach the
+    study settings the notebooks build as they were given."""
+    from sw_lib import cli, study
+
+    assert config.default("evaluation.token_budget") == "auto"
+    assert study.StudySettings().token_budget == "auto"
+    for text, expected in (("auto", "auto"), ("AUTO", "auto"), ("2048", 2048), ("2e3", 2000)):
+        from_file = config.load(write(tmp_path, f"evaluation:\n  token_budget: {text}\n"))
+        from_flag = cli.load_config(cli.build_parser().parse_args(["--token-budget", text]))
+        for cfg in (from_file, from_flag):
+            assert cfg["evaluation"]["token_budget"] == expected, text
+            params = config.notebook_parameters(cfg)  # what papermill gives each notebook
+            assert study.StudySettings.from_dict(params).token_budget == expected, text
+    over = cli.load_config(cli.build_parser().parse_args(
+        ["--params", str(write(tmp_path, "evaluation:\n  token_budget: 512\n")),
+         "--token-budget", "auto"]))
+    assert over["evaluation"]["token_budget"] == "auto"  # the flag overrides the file
+    with pytest.raises(SystemExit):
+        cli.build_parser().parse_args(["--token-budget", "big"])

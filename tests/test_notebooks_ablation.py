@@ -9,7 +9,7 @@ import matplotlib.image
 import papermill
 import pytest
 
-from sw_lib import evaluate, models
+from sw_lib import evaluate, memory, models
 from sw_lib.ablate import zero
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -161,6 +161,9 @@ def test_notebooks_02_and_03_on_a_planted_tiny_model(tiny_folder, tiny_lm, tmp_p
         assert accuracy["mmlu"]["primary_metric"] == "acc"
     summary = json.loads((out / "data" / f"individual_summary_{TS}.json").read_text())
     assert [a["label"] for a in summary["analyses"]] == ["L1 [5, 7]", "L2 [11, 20]"]
+    # the default token budget "auto", and the number it resolved to on this CPU (capped)
+    assert summary["settings"]["token_budget"] == "auto"
+    assert memory.AUTO_FLOOR <= summary["settings"]["resolved_token_budget"] <= 1024
     for entry, record in zip(summary["analyses"], individual):
         # Both metrics of a task side by side, each with its own interval and test.
         arc = entry["accuracy"]["arc_easy"]
@@ -180,6 +183,8 @@ def test_notebooks_02_and_03_on_a_planted_tiny_model(tiny_folder, tiny_lm, tmp_p
     assert len(list(cache.rglob("*.json"))) == len(stamps) + 1 + len(TASKS)  # + the combined
     combined = json.loads((out / "data" / f"combined_analysis_{TS}.json").read_text())
     jsonschema.validate(combined, COMBINED_SCHEMA)
+    assert combined["settings"]["resolved_token_budget"] == summary["settings"][
+        "resolved_token_budget"]
     assert [{k: w[k] for k in PLANTED[0]} for w in combined["super_weights"]] == PLANTED
     impact = combined["perplexity_impact"]
     assert impact["baseline_perplexity"] == pytest.approx(baseline_ppl, rel=1e-6)
@@ -198,6 +203,7 @@ def test_notebooks_without_super_weights_write_empty_lists(tiny_folder, tiny_lm,
     assert not list((out / "data").glob("individual_analyses/*.json"))
     summary = json.loads((out / "data" / f"individual_summary_{TS}.json").read_text())
     assert summary["super_weights"] == [] and summary["analyses"] == []
+    assert summary["settings"]["resolved_token_budget"] is None  # no model loaded
     combined = json.loads((out / "data" / f"combined_analysis_{TS}.json").read_text())
     assert combined["super_weights"] == [] and combined["individual"] == []
     assert combined["perplexity_impact"] is None and combined["accuracy_impacts"] == {}

@@ -227,7 +227,7 @@ def test_settings_defaults_are_the_default_params():
     defaults = study.StudySettings().to_dict()
     assert {k: evaluation[k] for k in defaults if k in evaluation} == {
         k: v for k, v in defaults.items() if k in evaluation}
-    assert set(defaults) - set(evaluation) == {"progress"}
+    assert set(defaults) - set(evaluation) == {"progress", "resolved_token_budget"}
 
 
 def test_settings_from_params_and_per_task_sizes():

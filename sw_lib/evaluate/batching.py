@@ -17,8 +17,9 @@ T = TypeVar("T")
 # Defaults of params/default.yaml `evaluation.batch_size` / `evaluation.token_budget`. On a
 # CPU a forward pass of ~1000 tokens already runs near the matmul peak, and larger batches
 # only add padding and spill the caches (HellaSwag, SmolLM2-135M, 1 thread: 1024 tokens per
-# batch ran fastest of 512-16384); on a GPU raise the budget. Generation decodes up to
-# `batch_size` prompts together (each prefilled alone).
+# batch ran fastest of 512-16384), hence the CPU's cap of the default token budget "auto"
+# (memory.AUTO_CAPS), which on a GPU sizes the budget to the free memory. Generation decodes up
+# to `batch_size` prompts together (each prefilled alone).
 DEFAULT_BATCH_SIZE = config.default("evaluation.batch_size")
 DEFAULT_TOKEN_BUDGET = config.default("evaluation.token_budget")
 

@@ -12,7 +12,7 @@ from typing import Iterable
 
 from tqdm.auto import tqdm
 
-from .. import ablate, data
+from .. import ablate, data, memory
 from . import generation, multiple_choice
 from .batching import DEFAULT_BATCH_SIZE, DEFAULT_TOKEN_BUDGET
 from .condition import open_condition
@@ -61,19 +61,21 @@ def run_task(lm, task: str | TaskSpec, n_samples: int | None = None, edits=(), c
              shots: int | None = None, batch_size: int | None = DEFAULT_BATCH_SIZE,
              progress: bool = True,
              source: str = "bundled", keep_layers: Iterable[int] = (),
-             token_budget: int = DEFAULT_TOKEN_BUDGET) -> dict:
+             token_budget: int | str = DEFAULT_TOKEN_BUDGET) -> dict:
     """Evaluate `lm` with `edits` applied on the first `n_samples` items of `task`.
 
     task: a name in TASKS or a TaskSpec; shots: None = the task's default (MMLU 0, GSM8K 5);
     cache: None = EvalCache.default(), False = no cache, or an EvalCache / folder.
     batch_size, token_budget: items per forward pass, at most `batch_size` (None: no cap) and
-    at most `token_budget` padded tokens (generation counts prompt + max_gen_toks per row).
+    at most `token_budget` padded tokens (generation counts prompt + max_gen_toks per row;
+    "auto": sized to the free memory once per model, memory.resolve_token_budget).
     keep_layers: layers whose inputs this run keeps in the cache's memory (`EvalCache.states`),
     so that a later condition edited at such a layer starts there (prefix.py); pass the super
     weights' layers while evaluating the baseline, and the same EvalCache to every condition.
     Inactive with cache=False. Weights the caller edited around the call are part of the key.
     """
     start_time = time.perf_counter()
+    token_budget = memory.resolve_token_budget(lm, token_budget)
     spec = get_task(task)
     shots = _check_shots(spec, shots)
     edits = list(edits)

@@ -22,7 +22,7 @@ from typing import Iterable
 import torch
 from tqdm.auto import tqdm
 
-from .. import ablate, data
+from .. import ablate, data, memory
 from . import cache as cache_mod
 from . import forward
 from .batching import DEFAULT_BATCH_SIZE, DEFAULT_TOKEN_BUDGET
@@ -96,17 +96,18 @@ def _exp(x: float) -> float:
 def perplexity(lm, edits=(), seq_len: int = 2048, n_windows: int | None = None,
                batch_size: int | None = DEFAULT_BATCH_SIZE, cache=None, progress: bool = True,
                source: str = "bundled", text: str | None = None, keep_layers: Iterable[int] = (),
-               token_budget: int = DEFAULT_TOKEN_BUDGET) -> dict:
+               token_budget: int | str = DEFAULT_TOKEN_BUDGET) -> dict:
     """Perplexity of `lm` (with `edits` applied) on WikiText-2 test, or on `text` if given.
 
     cache: None = EvalCache.default(), False = no cache, or an EvalCache / folder.
     batch_size, token_budget: windows per forward pass, at most `batch_size` and at most
-    `token_budget` tokens (one window at least).
+    `token_budget` tokens (one window at least; "auto": memory.resolve_token_budget).
     keep_layers: layers whose inputs this run keeps in the cache's memory (`EvalCache.states`),
     so that a later condition edited at such a layer starts there (prefix.py); pass the super
     weights' layers while evaluating the baseline. Inactive with cache=False.
     """
     start_time = time.perf_counter()
+    token_budget = memory.resolve_token_budget(lm, token_budget)
     edits = list(edits)
     seq_len = min(seq_len, forward.max_length(lm.model))
     tokens = tokens_of(lm.tokenizer, text, source)

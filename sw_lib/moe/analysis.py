@@ -114,7 +114,7 @@ def moe_analysis(lm, settings: MoESettings | None = None, evaluation: StudySetti
     """Everything notebook 04 reports, as a JSON-ready dict (schema "sw-moe/2"; the fields are
     in docs/ARCHITECTURE.md). A dense model gets `is_moe: false` and empty sections."""
     settings = settings or MoESettings()
-    evaluation = evaluation or StudySettings()
+    evaluation = (evaluation or StudySettings()).for_model(lm)
     head = _head(lm, settings, evaluation)
     model = lm.model
     if not head["is_moe"]:
@@ -126,7 +126,7 @@ def moe_analysis(lm, settings: MoESettings | None = None, evaluation: StudySetti
     start = time.perf_counter()
     routing, maxima, calibration = route_texts(lm, settings.router_analysis_samples,
                                                settings.tokens_per_text, evaluation.batch_size,
-                                               evaluation.token_budget)
+                                               evaluation.resolved_token_budget)
     p_active = {layer: routing.p_active(layer) for layer in routing.layers}
     expert_maxima = maxima.to_list()
     super_experts = flag_super_experts(expert_maxima, head["num_layers"])

@@ -36,7 +36,7 @@ def skip_study(lm, super_experts: Sequence[dict], control_sets: Sequence[Sequenc
     "experts", "skipped", "perplexity_impact", "accuracy_impacts", "seconds"}."""
     if not super_experts:
         return None
-    settings = settings or study.StudySettings()
+    settings = (settings or study.StudySettings()).for_model(lm)
     layers = {int(e["layer"]) for e in super_experts}
     baseline = study.evaluate_condition(lm, [], settings, cache, keep_layers=layers)
     conditions = [(f"skip {len(super_experts)} super expert(s)", super_experts)]
