@@ -38,6 +38,7 @@ from sw_lib import data  # noqa: E402
 from sw_lib.evaluate import TASKS, run_task  # noqa: E402
 from sw_lib.evaluate.batching import DEFAULT_TOKEN_BUDGET  # noqa: E402
 from sw_lib.evaluate.engine import build_requests  # noqa: E402
+from sw_lib.memory import check_token_budget  # noqa: E402
 
 MMLU_DESCRIPTION = ("The following are multiple choice questions (with answers) about "
                     "{{subject.replace('_', ' ')}}.\n\n")
@@ -204,9 +205,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
     parser.add_argument("--dtype", default="float32", help="model dtype for both sides")
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--token-budget", type=int, default=DEFAULT_TOKEN_BUDGET,
-                        help=f"engine: most padded tokens per pass (default {DEFAULT_TOKEN_BUDGET}; "
-                             "raise on a GPU)")
+    parser.add_argument("--token-budget", type=check_token_budget, default=DEFAULT_TOKEN_BUDGET,
+                        help="engine: most padded tokens per pass, or auto (the default: sized "
+                             "to the free memory, at most 1024 on a CPU)")
     args = parser.parse_args()
     import torch
 

