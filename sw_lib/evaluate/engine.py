@@ -75,9 +75,9 @@ def run_task(lm, task: str | TaskSpec, n_samples: int | None = None, edits=(), c
     Inactive with cache=False. Weights the caller edited around the call are part of the key.
     """
     start_time = time.perf_counter()
-    token_budget = memory.resolve_token_budget(lm, token_budget)
-    spec = get_task(task)
+    spec = get_task(task)  # bad input is refused before the model is looked at
     shots = _check_shots(spec, shots)
+    token_budget = memory.resolve_token_budget(lm, token_budget)
     edits = list(edits)
     selection = data.select_items(spec.split, n_samples, source)
     condition = open_condition(lm, edits, {**spec.key(shots), "source": source}, cache,
