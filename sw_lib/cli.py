@@ -94,13 +94,11 @@ def _integer(text: str) -> int:
 
 
 def _token_budget(text: str):
-    """An integer (also written as 1e3), or 'auto'."""
-    if text.strip().lower() == "auto":
-        return "auto"
-    value = config_mod.as_count(text)
-    if not isinstance(value, int):
-        raise argparse.ArgumentTypeError(f"invalid token budget: '{text}' (an integer or 'auto')")
-    return value
+    """A positive integer (also written as 1e3), or 'auto': the params file's own rule."""
+    try:
+        return memory.check_token_budget(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def _seconds(text: str):

@@ -231,5 +231,6 @@ def test_token_budget_auto_or_integer_from_file_and_flag_to_study_settings(tmp_p
         ["--params", str(write(tmp_path, "evaluation:\n  token_budget: 512\n")),
          "--token-budget", "auto"]))
     assert over["evaluation"]["token_budget"] == "auto"  # the flag overrides the file
-    with pytest.raises(SystemExit):
-        cli.build_parser().parse_args(["--token-budget", "big"])
+    for bad in ("big", "0", "-3", "2.5"):  # the params file's rule, at parse time
+        with pytest.raises(SystemExit):
+            cli.build_parser().parse_args(["--token-budget", bad])
