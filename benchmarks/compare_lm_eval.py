@@ -20,10 +20,6 @@ lm-eval is an optional extra; install it in its own virtual environment (not the
 """
 from __future__ import annotations
 
-import os
-
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch: no spinning on busy cores
-
 import argparse
 import json
 import sys

@@ -18,10 +18,6 @@ peak measured in the same process for the same dtype and thread count.
 """
 from __future__ import annotations
 
-import os
-
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch: no spinning on busy cores
-
 import argparse
 import json
 import resource
