@@ -113,3 +113,46 @@ def test_position_restricted_logits_equal_the_full_ones(tokenizer, model_type):
     targets = torch.tensor([5, 17, 4000])
     chosen = forward.token_logprobs(lm.model, hidden[positions], targets)
     assert torch.allclose(chosen, full[positions, targets], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("case", ["float32", "bfloat16", "gemma2-softcap", "head-bias"])
+@torch.no_grad()
+def test_head_buffers_give_log_softmax_bit_for_bit(tokenizer, monkeypatch, case):
+    """On a CPU the head writes into buffers kept on the model (no fresh 200 MB map per chunk);
+    every value equals log_softmax(head_logits(...).float()) exactly, over several chunks, a
+    short last chunk, and a second call of another size reusing the buffers."""
+    lm = make_tiny("gemma2" if case == "gemma2-softcap" else "llama", tokenizer, seed=18)
+    model = lm.model
+    if case == "bfloat16":
+        model.to(torch.bfloat16)
+    if case == "head-bias":
+        head = model.get_output_embeddings()
+        head.bias = torch.nn.Parameter(torch.randn(head.weight.shape[0]))
+    if case == "gemma2-softcap":
+        assert model.config.final_logit_softcapping
+    monkeypatch.setattr(forward, "HEAD_CHUNK", 4)
+    g = torch.Generator().manual_seed(0)
+    dtype = next(model.parameters()).dtype
+    for n in (10, 3):
+        hidden = torch.randn(n, model.config.hidden_size, generator=g).to(dtype)
+        targets = torch.randint(0, model.config.vocab_size, (n,), generator=g)
+        reference = torch.log_softmax(forward.head_logits(model, hidden).float(), dim=-1)
+        got = forward.token_logprobs(model, hidden, targets)
+        assert torch.equal(got, reference[torch.arange(n), targets])
+    assert all(b.shape[0] == 4 for b in model._sw_head_buffers.values())  # made once, reused
+
+
+def test_single_token_choices_run_causal_rows_without_a_mask(tokenizer, monkeypatch):
+    """0-shot MMLU: every choice is one token, so a packed row is its context alone; the rows
+    run through the model's causal attention (no 4-D mask built) and equal the brute force."""
+    lm = make_tiny("llama", tokenizer, seed=19)
+    _, encoded = encoded_requests(lm, "mmlu", data.select_items("mmlu/test", 7).items)
+    assert all(len(c) == 1 for e in encoded for c in e.continuations)
+    assert len({e.packed_length for e in encoded}) > 1  # padded rows of different lengths
+    assert forward.fast_path_ok(lm.model)  # (its probe has branches, so it builds masks)
+    built = []
+    monkeypatch.setattr(forward, "packed_mask", lambda *a, **k: built.append(1))
+    for budget in (1, 10 ** 6):
+        sums = multiple_choice.choice_loglikelihoods(lm.model, encoded, budget)
+        assert_same(sums, brute_force_sums(lm, encoded))
+    assert not built

@@ -47,12 +47,44 @@ def head_logits(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
 def token_logprobs(model: nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """log p(targets[i] | hidden[i]) in float32, the head applied chunk by chunk."""
     out = torch.empty(targets.shape[0], dtype=torch.float32, device=hidden.device)
+    head = model.get_output_embeddings()
+    reuse = hidden.device.type == "cpu" and isinstance(head, nn.Linear)
     for start in range(0, targets.shape[0], HEAD_CHUNK):
         stop = start + HEAD_CHUNK
-        logits = head_logits(model, hidden[start:stop]).float()
-        logp = torch.log_softmax(logits, dim=-1)
+        if reuse:
+            logp = _logprobs_in_place(model, head, hidden[start:stop])
+        else:
+            logp = torch.log_softmax(head_logits(model, hidden[start:stop]).float(), dim=-1)
         out[start:stop] = logp.gather(1, targets[start:stop, None]).squeeze(1)
     return out
+
+
+def _logprobs_in_place(model: nn.Module, head: nn.Linear, hidden: torch.Tensor) -> torch.Tensor:
+    """What `log_softmax(head_logits(model, hidden).float())` gives, bit for bit, computed in
+    buffers kept on the model. On a CPU a fresh chunk of logits (1024 x 49152 floats: 200 MB)
+    is a fresh memory map whose page faults cost as much as the log-softmax itself."""
+    rows = hidden.shape[0]
+    logits = _buffer(model, head.weight.dtype, rows, head.weight.shape[0], hidden.device)
+    if head.bias is None:
+        torch.mm(hidden, head.weight.t(), out=logits)
+    else:
+        torch.addmm(head.bias, hidden, head.weight.t(), out=logits)
+    cap = getattr(model.config, "final_logit_softcapping", None)
+    if cap:
+        logits.div_(cap).tanh_().mul_(cap)
+    if logits.dtype != torch.float32:
+        logits = _buffer(model, torch.float32, rows, logits.shape[1], hidden.device).copy_(logits)
+    return torch.log_softmax(logits, dim=-1, out=logits)
+
+
+def _buffer(model: nn.Module, dtype: torch.dtype, rows: int, vocab: int, device) -> torch.Tensor:
+    """A [rows, vocab] view of the model's reusable head buffer of this dtype."""
+    buffers = model.__dict__.setdefault("_sw_head_buffers", {})
+    buf = buffers.get(dtype)
+    if buf is None or buf.shape[0] < rows or buf.shape[1] != vocab or buf.device != device:
+        buf = buffers[dtype] = torch.empty(max(rows, HEAD_CHUNK), vocab, dtype=dtype,
+                                           device=device)
+    return buf[:rows]
 
 
 def packed_mask(segments: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype,
@@ -100,7 +132,14 @@ def packed_hidden(model: nn.Module, plan: Plan | None, input_ids: torch.Tensor,
                   past: list[tuple[torch.Tensor, torch.Tensor]] | None = None) -> torch.Tensor:
     """Last hidden states [B, L, H] of packed rows (see packed_mask), after `past` if given.
 
-    A batch that attends to a cached prefix runs every layer (`plan` is not used for it)."""
+    A batch that attends to a cached prefix runs every layer (`plan` is not used for it). Rows
+    without branches must start at position 0 when there is no `past` (as `_packed_batch`
+    builds them)."""
+    if not past and not bool((segments > 0).any()):
+        # No branches (every choice one token: MMLU): right-padded causal rows, which the
+        # model's own causal attention computes without a 4-D mask (lm-eval's rows); real
+        # tokens never see the padding after them, and their positions are 0, 1, ...
+        return run_decoder(model, plan, input_ids=input_ids, use_cache=False)
     dtype = next(model.parameters()).dtype
     prefix_len = past[0][0].shape[2] if past else 0
     mask = packed_mask(segments, positions, dtype, prefix_len)
