@@ -36,18 +36,21 @@ $(STAMP): requirements.txt requirements.lock pyproject.toml Makefile
 analyze: setup
 	$(BIN)/sw-analyze --params $(PARAMS) $(ARGS)
 
-# --durations: the slowest tests, so a test that grew slow is seen; -rs: why a test was skipped
+# --durations: the slowest tests, so a test that grew slow is seen; -rs: why a test was skipped.
+# -n: one pytest-xdist worker per core (at most 4), each test file on one worker, so a file's
+# module fixtures (a CLI run, a model) are built once; conftest.py shares the cores out.
+XDIST = -n auto --maxprocesses=4 --dist loadfile
 test: setup lint test-deps
-	$(BIN)/python -m pytest -q -rs --durations=15 $(ARGS)
+	$(BIN)/python -m pytest -q -rs $(XDIST) --durations=15 $(ARGS)
 
 # ruff, configured in pyproject.toml (part of `make test`, so CI runs it)
 lint: setup
 	$(BIN)/ruff check .
 
 test-fast: setup test-deps
-	$(BIN)/python -m pytest -q -rs -m "not slow" --durations=10 $(ARGS)
+	$(BIN)/python -m pytest -q -rs $(XDIST) -m "not slow" --durations=10 $(ARGS)
 
-# the optional extras the tests exercise (Ray), not needed to run the analysis
+# the optional extras the tests exercise (Ray) and pytest-xdist, not needed to run the analysis
 test-deps: setup
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check $(FIND_LINKS) \
 		-r requirements-test.txt -c requirements.lock

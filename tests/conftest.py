@@ -19,6 +19,12 @@ for _name, _sub in {"SW_CACHE_DIR": "sw_lib", "MPLCONFIGDIR": "matplotlib", "HF_
                     "XDG_CACHE_HOME": "xdg-cache"}.items():
     os.environ[_name] = os.path.join(_SCRATCH, _sub)
 
+# `make test` runs one pytest-xdist worker per core: each worker, and the notebook kernels and
+# command lines it starts, gets its share of the cores, so the workers never oversubscribe them.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _WORKERS > 1:
+    os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // _WORKERS))
+
 import torch  # noqa: E402 -- after the environment above
 
 from sw_lib import models  # noqa: E402
@@ -89,7 +95,7 @@ def assert_bit_identical(model: torch.nn.Module, snapshot: dict[str, torch.Tenso
 @pytest.fixture(autouse=True)
 def _one_thread_for_tiny_models(request):
     """Tiny models run faster on one intra-op thread (no OpenMP hand-offs); the real model,
-    in tests marked slow, keeps every core."""
+    in tests marked slow, keeps every core (its worker's share of them under pytest-xdist)."""
     if request.node.get_closest_marker("slow"):
         yield
         return

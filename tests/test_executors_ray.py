@@ -10,9 +10,11 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -51,7 +53,8 @@ def _raylets() -> set[int]:
 
 
 def _ray(*args: str, env: dict) -> None:
-    subprocess.run([RAY, *args], env=env, check=True, timeout=120, capture_output=True)
+    done = subprocess.run([RAY, *args], env=env, timeout=120, capture_output=True, text=True)
+    assert done.returncode == 0, f"ray {' '.join(args)} failed:\n{done.stdout}\n{done.stderr}"
 
 
 @pytest.fixture(scope="module")
@@ -67,9 +70,12 @@ def cluster(tmp_path_factory):
     address = f"127.0.0.1:{_free_port()}"
     common = ["--num-cpus", "1", "--num-gpus", "0", "--node-ip-address", "127.0.0.1",
               "--disable-usage-stats"]
+    # Ray's sockets live under --temp-dir, and a Unix socket path holds at most 107 bytes:
+    # pytest's temporary folders (deeper under pytest-xdist) are too long for it.
+    temp = tempfile.mkdtemp(prefix="ray", dir="/tmp")
     try:
         _ray("start", "--head", "--port", address.split(":")[1], "--include-dashboard=false",
-             "--temp-dir", str(root / "t"), *common, env=env)
+             "--temp-dir", temp, *common, env=env)
         head = _raylets()
         _ray("start", "--address", address, *common, env=env)
         worker = _raylets() - head
@@ -77,6 +83,7 @@ def cluster(tmp_path_factory):
         yield address, worker.pop(), hold
     finally:
         subprocess.run([RAY, "stop", "--force"], env=env, timeout=120, capture_output=True)
+        shutil.rmtree(temp, ignore_errors=True)
 
 
 def _config(tmp_path: Path, results_dir: Path, **runtime) -> dict:
