@@ -212,3 +212,21 @@ def test_ablated_generation_prefills_from_the_edited_layer(tokenizer, tmp_path):
     baseline = run_task(lm, spec, 3, shots=0, cache=False, progress=False)
     assert [it["generation"] for it in baseline["per_item"]] != \
         [it["generation"] for it in plain["per_item"]]  # the edit did act
+
+
+def test_zero_shot_mmlu_rows_start_at_the_edited_layer_and_equal_a_fresh_run(tokenizer, tmp_path):
+    """0-shot MMLU rows run through the causal path (no branches): an ablated condition still
+    starts them at its edited layer from the baseline's kept inputs, with the same result."""
+    lm = make_tiny("llama", tokenizer, seed=20)
+    cache = EvalCache(tmp_path / "eval")
+    run_task(lm, "mmlu", 5, cache=cache, batch_size=2, progress=False, keep_layers=[2])
+    edit = [WeightEdit(layer=2, row=4, column=9, scale=-3000.0)]
+    reused = cache.states.reused
+    ablated = run_task(lm, "mmlu", 5, edits=edit, cache=cache, batch_size=2, progress=False)
+    assert cache.states.reused - reused == 3  # every batch (2 + 2 + 1 questions)
+    plain = run_task(lm, "mmlu", 5, edits=edit, cache=False, batch_size=2, progress=False)
+    baseline = run_task(lm, "mmlu", 5, cache=False, batch_size=2, progress=False)
+    for a, b in zip(ablated["per_item"], plain["per_item"]):
+        assert a["loglikelihoods"] == pytest.approx(b["loglikelihoods"], abs=1e-5)
+    assert any(a["loglikelihoods"] != pytest.approx(c["loglikelihoods"], abs=1e-3)
+               for a, c in zip(ablated["per_item"], baseline["per_item"]))  # the edit did act
