@@ -262,7 +262,7 @@ def main() -> None:
 
     print()
     print(f"{'task':<15}{'n':>4}{'same prompt':>13}{'same answer':>13}{'max |dLL|':>11}"
-          f"{'metric':>18}{'ours':>8}{'lm-eval':>9}{'ours s':>8}{'lm-eval s':>10}{'ratio':>7}"
+          f"{'metric':>18}{'ours':>8}{'lm-eval':>9}{'ours s':>8}{'lm-eval s':>10}{'ratio':>8}"
           f"{'target':>8}")
     for r in rows:
         metric = TASKS[r["task"]].primary_metric
@@ -270,7 +270,7 @@ def main() -> None:
         ratio = r["theirs_seconds"] / r["ours_seconds"]
         print(f"{r['task']:<15}{r['n']:>4}{r['same_prompt']:>13}{r['same_choice']:>13}{diff:>11}"
               f"{metric:>18}{r['ours'][metric]:>8.3f}{r['theirs'][metric]:>9.3f}"
-              f"{r['ours_seconds']:>8.1f}{r['theirs_seconds']:>10.1f}{ratio:>6.1f}x"
+              f"{r['ours_seconds']:>8.1f}{r['theirs_seconds']:>10.1f}{ratio:>6.2f}x"
               f"{TARGETS[r['task']]:>7.1f}x")
     gsm = [r for r in rows if r["task"] == "gsm8k"]
     if gsm:
