@@ -270,7 +270,7 @@ def main() -> None:
         ratio = r["theirs_seconds"] / r["ours_seconds"]
         print(f"{r['task']:<15}{r['n']:>4}{r['same_prompt']:>13}{r['same_choice']:>13}{diff:>11}"
               f"{metric:>18}{r['ours'][metric]:>8.3f}{r['theirs'][metric]:>9.3f}"
-              f"{r['ours_seconds']:>8.1f}{r['theirs_seconds']:>10.1f}{ratio:>6.2f}x"
+              f"{r['ours_seconds']:>8.1f}{r['theirs_seconds']:>10.1f}{ratio:>7.2f}x"
               f"{TARGETS[r['task']]:>7.1f}x")
     gsm = [r for r in rows if r["task"] == "gsm8k"]
     if gsm:
