@@ -29,6 +29,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from warm import engine_warm_up  # noqa: E402
 
 from sw_lib import data  # noqa: E402
 from sw_lib.evaluate import TASKS, run_task  # noqa: E402
@@ -190,19 +193,13 @@ def compare_gsm8k(ours: dict, samples: list[dict], requests: list) -> dict:
 TARGETS = {"hellaswag": 3.0, "arc_easy": 3.0, "arc_challenge": 3.0, "mmlu": 1.5, "gsm8k": 2.0}
 
 
-def warm_up(lm, tasks: list[str]) -> None:
-    """One-time costs of the process, for both sides, kept out of the timings (not the work
-    of any task): the engine's reading of the data and its fast-path checks; lm-eval's first
-    evaluation (lazy imports, its dataset builder). Each side evaluates 2 items once."""
-    for task in tasks:
-        spec = TASKS[task]
-        data.load_split(spec.split)
-        if spec.fewshot_split:
-            data.load_split(spec.fewshot_split)
-    run_task(lm, "mmlu", 2, shots=1, cache=False, progress=False)  # packed + shared prefix
+def warm_up(lm, tasks: list[str], batch_size: int) -> None:
+    """One-time costs of the process, for both sides, kept out of the timings: the engine's
+    (warm.py) and lm-eval's first evaluation (lazy imports, its dataset builder), on 2 items."""
+    engine_warm_up(lm, tasks)
     with tempfile.TemporaryDirectory() as tmp:
         rows = [row for _, row in data.select_items(TASKS["arc_easy"].split, 2).items]
-        lm_eval_run(lm, Path(tmp), write_mc_task(Path(tmp), "arc_easy", rows), 8, 0)
+        lm_eval_run(lm, Path(tmp), write_mc_task(Path(tmp), "arc_easy", rows), batch_size, 0)
 
 
 def main() -> None:
@@ -236,7 +233,7 @@ def main() -> None:
           f"{lm_eval.__version__}, {args.items} items per MC task (0-shot), {args.gsm8k_items} "
           f"GSM8K (5-shot), lm-eval batch {args.batch_size}, threads {torch.get_num_threads()}",
           flush=True)
-    warm_up(lm, args.tasks)
+    warm_up(lm, args.tasks, args.batch_size)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)

@@ -33,6 +33,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import flops  # noqa: E402
+from warm import engine_warm_up  # noqa: E402
 
 from sw_lib.evaluate import TASKS  # noqa: E402
 from sw_lib.evaluate.batching import DEFAULT_BATCH_SIZE, DEFAULT_TOKEN_BUDGET  # noqa: E402
@@ -79,21 +80,6 @@ def task_flops(lm, task: str, result: dict) -> float:
     return total
 
 
-def warm_up(lm, args) -> None:
-    """One-time costs of a process, kept out of the per-task timings (not of the total):
-    reading the data, tokenizing WikiText-2, the fast paths' self-checks."""
-    from sw_lib import data
-    from sw_lib.evaluate import TASKS, perplexity, run_task
-
-    for task in args.tasks:
-        spec = TASKS[task]
-        data.load_split(spec.split)
-        if spec.fewshot_split:
-            data.load_split(spec.fewshot_split)
-    perplexity(lm, seq_len=16, n_windows=1, cache=False, progress=False)
-    run_task(lm, "mmlu", 2, shots=1, cache=False, progress=False)  # packed + shared prefix
-
-
 def run_engine(args) -> dict:
     import torch
 
@@ -103,7 +89,7 @@ def run_engine(args) -> dict:
     lm = load_model(args.model, dtype=args.dtype, device=args.device)
     peak = flops.matmul_peak(lm.dtype, lm.device)
     warm = time.perf_counter()
-    warm_up(lm, args)
+    engine_warm_up(lm, args.tasks, perplexity=True)
     warm = time.perf_counter() - warm
     weights = [parse_weight(w) for w in args.weights]
     conditions = [[]] + [[w] for w in weights] + [weights]
@@ -116,20 +102,11 @@ def run_engine(args) -> dict:
            "baseline_tasks": {}}
     with tempfile.TemporaryDirectory() as folder:
         cache = EvalCache(folder)
-        start, probing = time.perf_counter(), 0.0
-        peaks = {}  # the cold baseline's tasks: the matmul peak measured just before each
-
-        def probe(task):
-            nonlocal probing
-            t_probe = time.perf_counter()
-            peaks[task] = flops.matmul_peak(lm.dtype, lm.device, seconds=1.0)
-            probing += time.perf_counter() - t_probe
-
+        peaks = {}  # cold baseline only: the matmul peak measured just before each task (untimed)
         for index, edits in enumerate(conditions):
-            t = time.perf_counter()
             timings = {}
             if index == 0:
-                probe("perplexity")
+                peaks["perplexity"] = flops.matmul_peak(lm.dtype, lm.device, seconds=1.0)
             t_task = time.perf_counter()
             ppl = perplexity(lm, edits, seq_len=args.seq_len, n_windows=args.windows,
                              cache=cache, progress=False, keep_layers=keep, **sizes)
@@ -137,13 +114,13 @@ def run_engine(args) -> dict:
             tasks = {}
             for task in args.tasks:
                 if index == 0:
-                    probe(task)
+                    peaks[task] = flops.matmul_peak(lm.dtype, lm.device, seconds=1.0)
                 t_task = time.perf_counter()
                 n = args.gsm8k_items if task == "gsm8k" else args.items
                 tasks[task] = run_task(lm, task, n, edits=edits, cache=cache, progress=False,
                                        keep_layers=keep, **sizes)
                 timings[task] = time.perf_counter() - t_task
-            out["condition_seconds"].append(time.perf_counter() - t - (probing if index == 0 else 0))
+            out["condition_seconds"].append(sum(timings.values()))
             if index == 0:  # the cold baseline: the work of each task, and its time
                 dims = flops.Dims.of(lm.model)
                 ppl_flops = ppl["n_windows"] * dims.flops(*flops.window(ppl["seq_len"]))
@@ -159,7 +136,7 @@ def run_engine(args) -> dict:
                 "preds": {task: [it["pred"] for it in r["per_item"]] for task, r in tasks.items()},
                 "metrics": {task: {m: v["value"] for m, v in r["metrics"].items()}
                             for task, r in tasks.items()}})
-        out["seconds"] = time.perf_counter() - start - probing + warm
+        out["seconds"] = sum(out["condition_seconds"]) + warm
         out["warm_up_seconds"] = warm
         out["cache_hits"], out["cache_misses"] = cache.hits, cache.misses
     return out
@@ -277,7 +254,7 @@ def main() -> None:
           + ", ".join(f"{x:.1f}" for x in engine["condition_seconds"]))
     print(f"(engine total includes {engine['warm_up_seconds']:.1f} s of one-time warm-up: data, "
           f"WikiText-2 tokens, fast-path checks)")
-    # The machine's matmul rate drifts (seen here: 211-272 GFLOP/s between processes on 2
+    # The machine's matmul rate drifts (seen here: 174-298 GFLOP/s between and within processes on 2
     # idle cores), so each task is held against the peak measured just before it.
     spread = [t["peak_gflops"] for t in engine["baseline_tasks"].values()]
     print(f"\nbaseline condition, per task, against the matmul peak measured in the engine's "
