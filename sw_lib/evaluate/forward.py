@@ -35,12 +35,20 @@ def max_length(model: nn.Module) -> int:
     return 2048
 
 
-def head_logits(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
-    """Logits for hidden states [..., H], as the causal LM's own forward would compute them."""
-    logits = model.get_output_embeddings()(hidden)
+def head_logits(model: nn.Module, hidden: torch.Tensor, out: torch.Tensor | None = None
+                ) -> torch.Tensor:
+    """Logits for hidden states [..., H], as the causal LM's own forward would compute them;
+    written into `out` (2-D hidden, an nn.Linear head) when given, with the same values."""
+    head = model.get_output_embeddings()
+    if out is None:
+        logits = head(hidden)
+    elif head.bias is None:
+        logits = torch.mm(hidden, head.weight.t(), out=out)
+    else:
+        logits = torch.addmm(head.bias, hidden, head.weight.t(), out=out)
     cap = getattr(model.config, "final_logit_softcapping", None)
     if cap:
-        logits = torch.tanh(logits / cap) * cap
+        logits = logits.div_(cap).tanh_().mul_(cap)
     return logits
 
 
@@ -64,14 +72,9 @@ def _logprobs_in_place(model: nn.Module, head: nn.Linear, hidden: torch.Tensor) 
     buffers kept on the model. On a CPU a fresh chunk of logits (1024 x 49152 floats: 200 MB)
     is a fresh memory map whose page faults cost as much as the log-softmax itself."""
     rows = hidden.shape[0]
-    logits = _buffer(model, head.weight.dtype, rows, head.weight.shape[0], hidden.device)
-    if head.bias is None:
-        torch.mm(hidden, head.weight.t(), out=logits)
-    else:
-        torch.addmm(head.bias, hidden, head.weight.t(), out=logits)
-    cap = getattr(model.config, "final_logit_softcapping", None)
-    if cap:
-        logits.div_(cap).tanh_().mul_(cap)
+    logits = head_logits(model, hidden,
+                         out=_buffer(model, head.weight.dtype, rows, head.weight.shape[0],
+                                     hidden.device))
     if logits.dtype != torch.float32:
         logits = _buffer(model, torch.float32, rows, logits.shape[1], hidden.device).copy_(logits)
     return torch.log_softmax(logits, dim=-1, out=logits)
