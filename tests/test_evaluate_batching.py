@@ -68,6 +68,17 @@ def test_budget_changes_no_log_likelihood(tokenizer):
     assert seen[0] == [1] * 7 and seen[2] == [7] and 1 < len(seen[1]) < 7
 
 
+def count_decoder_reads(lm, run):
+    """Tokens (rows x length) of every decoder pass while `run()` computes."""
+    read = []
+    handle = decoder(lm.model).embed_tokens.register_forward_hook(
+        lambda m, args, out: read.append(args[0].shape[0] * args[0].shape[1]))
+    try:
+        return run(), read
+    finally:
+        handle.remove()
+
+
 def test_shared_prefix_is_encoded_once_and_changes_nothing(tokenizer):
     """k-shot MMLU questions of one subject share the description and the solved examples."""
     lm = make_tiny("llama", tokenizer, seed=16)
@@ -77,27 +88,53 @@ def test_shared_prefix_is_encoded_once_and_changes_nothing(tokenizer):
     requests, encoded = encoded_requests(lm, "mmlu", anatomy + astronomy, shots=2)
     assert max(e.packed_length for e in encoded) <= forward.max_length(lm.model)  # all packed
     groups = multiple_choice.shared_prefix_groups(encoded)
+    # The two subjects share the description's first words too, but far fewer tokens than
+    # their own examples: they stay two groups.
     shared = sorted((n, sorted(e.doc_id for e in members)) for n, members in groups)
     assert [ids for _, ids in shared] == sorted([sorted(i for i, _ in astronomy),
                                                  sorted(i for i, _ in anatomy)])
     for n, members in groups:  # the prefix is the same tokens for every member, and long
-        assert n >= multiple_choice.MIN_SHARED
+        assert n >= 100
         assert all(e.context[:n] == members[0].context[:n] for e in members)
         assert all(n < len(e.context) for e in members)
 
-    # Count the tokens the decoder reads: the shared prefixes once per subject.
+    # Count the tokens the decoder reads: the shared prefixes once per subject (one batch,
+    # padded to the longer), then all questions in one batch, each row after its prefix.
     assert forward.shared_prefix_ok(lm.model)  # (its probe runs before the count starts)
-    read = []
-    handle = decoder(lm.model).embed_tokens.register_forward_hook(
-        lambda m, args, out: read.append(args[0].shape[0] * args[0].shape[1]))
-    sums = multiple_choice.choice_loglikelihoods(lm.model, encoded, 10 ** 6)
-    handle.remove()
+    sums, read = count_decoder_reads(
+        lm, lambda: multiple_choice.choice_loglikelihoods(lm.model, encoded, 10 ** 6))
     assert_same(sums, brute_force_sums(lm, encoded))
-    # Per subject: its prefix once, then one padded row per question without the prefix.
-    expected = sum(n + len(m) * max(e.packed_length - n for e in m) for n, m in groups)
-    assert sorted(read) == sorted([n for n, _ in groups] + [
-        len(m) * max(e.packed_length - n for e in m) for n, m in groups])
-    assert sum(read) == expected < sum(e.packed_length for e in encoded)
+    after = {e.doc_id: e.packed_length - n for n, members in groups for e in members}
+    assert read == [len(groups) * max(n for n, _ in groups), len(encoded) * max(after.values())]
+    assert sum(read) < sum(e.packed_length for e in encoded)
+
+
+def test_questions_of_different_prefixes_share_batches(tokenizer):
+    """0-shot MMLU questions of different subjects share the description's opening words:
+    encoded once, then batched with HellaSwag questions that share nothing (rows after
+    prefixes of different lengths, and after none, in one batch), at any budget."""
+    lm = make_tiny("llama", tokenizer, seed=21)
+    _, mmlu = encoded_requests(lm, "mmlu", data.select_items("mmlu/test", 6).items)
+    _, hellaswag = encoded_requests(lm, "hellaswag",
+                                    data.select_items("hellaswag/validation", 3).items)
+    for i, enc in enumerate(hellaswag):
+        enc.doc_id = 1000 + i  # one call scores both tasks: doc ids must not collide
+    groups = multiple_choice.shared_prefix_groups(mmlu + hellaswag)
+    (n, members), = [(n, m) for n, m in groups if n]
+    opening = tokenizer.encode("The following are multiple choice questions (with answers) about")
+    assert members == sorted(mmlu, key=lambda e: e.context) and n >= len(opening) >= 8
+    assert all(e.context[:n] == mmlu[0].context[:n] for e in mmlu)
+    assert len({e.context[n] for e in mmlu}) > 1  # the longest prefix they all share
+
+    reference = brute_force_sums(lm, mmlu + hellaswag)
+    assert forward.shared_prefix_ok(lm.model)
+    for budget in (1, 200, 10 ** 6):
+        sums, read = count_decoder_reads(lm, lambda: multiple_choice.choice_loglikelihoods(
+            lm.model, mmlu + hellaswag, budget))
+        assert_same(sums, reference)
+    # The largest budget: the prefix once, then one batch of all nine rows.
+    rows = [e.packed_length - n for e in mmlu] + [e.packed_length for e in hellaswag]
+    assert read == [n, 9 * max(rows)]
 
 
 @pytest.mark.parametrize("model_type", ["llama", "gemma2"])
@@ -147,12 +184,14 @@ def test_head_buffers_give_log_softmax_bit_for_bit(tokenizer, monkeypatch, case)
 
 
 def test_single_token_choices_run_causal_rows_without_a_mask(tokenizer, monkeypatch):
-    """0-shot MMLU: every choice is one token, so a packed row is its context alone; the rows
-    run through the model's causal attention (no 4-D mask built) and equal the brute force."""
+    """0-shot MMLU without its shared prefix: every choice is one token, so a packed row is
+    its context alone; the rows run through the model's causal attention (no 4-D mask built)
+    and equal the brute force."""
     lm = make_tiny("llama", tokenizer, seed=19)
     _, encoded = encoded_requests(lm, "mmlu", data.select_items("mmlu/test", 7).items)
     assert all(len(c) == 1 for e in encoded for c in e.continuations)
     assert len({e.packed_length for e in encoded}) > 1  # padded rows of different lengths
+    monkeypatch.setattr(multiple_choice, "MIN_SHARED", 10 ** 6)  # no prefix worth sharing
     assert forward.fast_path_ok(lm.model)  # (its probe has branches, so it builds masks)
     built = []
     monkeypatch.setattr(forward, "packed_mask", lambda *a, **k: built.append(1))

@@ -215,8 +215,9 @@ def test_ablated_generation_prefills_from_the_edited_layer(tokenizer, tmp_path):
 
 
 def test_zero_shot_mmlu_rows_start_at_the_edited_layer_and_equal_a_fresh_run(tokenizer, tmp_path):
-    """0-shot MMLU rows run through the causal path (no branches): an ablated condition still
-    starts them at its edited layer from the baseline's kept inputs, with the same result."""
+    """0-shot MMLU rows run after their shared description, read from a key/value cache: an
+    ablated condition still starts them at its edited layer from the baseline's kept inputs,
+    with the same result."""
     lm = make_tiny("llama", tokenizer, seed=20)
     cache = EvalCache(tmp_path / "eval")
     run_task(lm, "mmlu", 5, cache=cache, batch_size=2, progress=False, keep_layers=[2])
@@ -230,3 +231,40 @@ def test_zero_shot_mmlu_rows_start_at_the_edited_layer_and_equal_a_fresh_run(tok
         assert a["loglikelihoods"] == pytest.approx(b["loglikelihoods"], abs=1e-5)
     assert any(a["loglikelihoods"] != pytest.approx(c["loglikelihoods"], abs=1e-3)
                for a, c in zip(ablated["per_item"], baseline["per_item"]))  # the edit did act
+
+
+def test_rows_after_a_cached_prefix_are_kept_by_the_prefix_tokens(tokenizer):
+    """Two groups of questions whose rows after their prefixes are the same tokens, but whose
+    prefixes differ: an ablated pass reuses the baseline's kept layer inputs only for the group
+    they were recorded with, and equals a fresh computation for both."""
+    import torch
+
+    from sw_lib.ablate import edited
+    from sw_lib.evaluate import forward
+    from sw_lib.evaluate.multiple_choice import Encoded, choice_loglikelihoods
+    from sw_lib.evaluate.prefix import LayerStates, make_plan
+
+    lm = make_tiny("llama", tokenizer, seed=22)
+    g = torch.Generator().manual_seed(0)
+    tokens = lambda n: torch.randint(5, 1000, (n,), generator=g).tolist()  # noqa: E731
+    rests, choices = [tokens(6), tokens(9)], [[tokens(1), tokens(2)] for _ in range(2)]
+    first, second = tokens(10), tokens(10)
+    group = lambda prefix: [Encoded(i, prefix + rest, cont)  # noqa: E731
+                            for i, (rest, cont) in enumerate(zip(rests, choices))]
+    assert forward.shared_prefix_ok(lm.model)
+    states = LayerStates()
+    baseline = make_plan(states, "weights", [], keep_layers=[2])
+    choice_loglikelihoods(lm.model, group(first), 10 ** 6, plan=baseline)
+    edit = [WeightEdit(layer=2, row=4, column=9, scale=-3000.0)]
+    ablated = make_plan(states, "weights", edit)
+    with edited(lm.model, edit):
+        fresh = {name: choice_loglikelihoods(lm.model, group(prefix), 10 ** 6)
+                 for name, prefix in (("first", first), ("second", second))}
+        other = choice_loglikelihoods(lm.model, group(second), 10 ** 6, plan=ablated)
+        assert states.reused == 0  # recorded after another prefix: not reused
+        same = choice_loglikelihoods(lm.model, group(first), 10 ** 6, plan=ablated)
+        assert states.reused == 1
+    for got, want in ((other, fresh["second"]), (same, fresh["first"])):
+        for doc_id in want:
+            assert got[doc_id] == pytest.approx(want[doc_id], abs=1e-5)
+    assert fresh["first"][0] != pytest.approx(fresh["second"][0], abs=1e-3)  # prefixes matter

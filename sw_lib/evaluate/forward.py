@@ -5,9 +5,10 @@ Three savings over a plain `model(input_ids).logits`:
   applied only at the positions whose next-token log-probability is needed;
 - several sequences that share a context run as one packed row with a 4-D attention mask and
   explicit position ids (the context is encoded once; see multiple_choice.py);
-- a token prefix shared by many rows (MMLU k-shot: the description and the same solved
-  examples for every question of a subject) is encoded once into a key/value cache that every
-  packed row of the batch attends to (`encode_prefix`, `packed_hidden(..., past=...)`).
+- token prefixes shared by several rows (MMLU: a subject's description, and in k-shot the
+  same solved examples for every question of the subject) are encoded once into a key/value
+  cache; each packed row of a batch attends to its own prefix in it (`encode_prefixes`,
+  `packed_hidden(..., past=...)`).
 
 These rely on how a family builds its logits, masks and caches, so `fast_path_ok(model)` and
 `shared_prefix_ok(model)` check them once per model against the plain forward on a small
@@ -15,11 +16,14 @@ input; families that fail a check are evaluated without that saving (exact, slow
 """
 from __future__ import annotations
 
+import hashlib
 import warnings
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from .batching import by_budget
 from .prefix import Plan, decoder, run_decoder
 
 # Positions whose logits are materialised at once (memory: chunk x vocab floats).
@@ -91,65 +95,118 @@ def _buffer(model: nn.Module, dtype: torch.dtype, rows: int, vocab: int, device)
 
 
 def packed_mask(segments: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype,
-                prefix_len: int = 0) -> torch.Tensor:
-    """Additive [B, 1, L, prefix_len + L] mask for rows of a shared context plus branches.
+                prefix_lengths: torch.Tensor | None = None) -> torch.Tensor:
+    """Additive [B, 1, L, P + L] mask for rows of a shared context plus branches.
 
     segments: [B, L] with 0 for the shared context, j > 0 for branch j, -1 for padding;
-    positions: [B, L] position ids. A token sees the cached prefix (its first `prefix_len`
-    keys), the context and its own branch, causally; padding sees only itself (so no softmax
-    row is empty).
+    positions: [B, L] position ids; prefix_lengths: [B], how many of the P cached prefix keys
+    (P = the longest) belong to each row. A token sees its row's cached prefix, the context
+    and its own branch, causally; padding sees only itself (so no softmax row is empty).
     """
     seg_q, seg_k = segments[:, :, None], segments[:, None, :]
     pos_q, pos_k = positions[:, :, None], positions[:, None, :]
     allowed = (seg_k == 0) | (seg_k == seg_q)
     allowed &= (pos_k <= pos_q) & (seg_k >= 0) & (seg_q >= 0)
     allowed |= torch.eye(segments.shape[1], dtype=torch.bool, device=segments.device)
-    if prefix_len:
-        sees_prefix = (seg_q >= 0).expand(-1, -1, prefix_len)
+    if prefix_lengths is not None:
+        slots = torch.arange(int(prefix_lengths.max()), device=segments.device)
+        sees_prefix = (seg_q >= 0) & (slots[None, None, :] < prefix_lengths[:, None, None])
         allowed = torch.cat([sees_prefix, allowed], dim=2)
     mask = torch.zeros(allowed.shape, dtype=dtype, device=segments.device)
     mask.masked_fill_(~allowed, torch.finfo(dtype).min)
     return mask[:, None]
 
 
-def encode_prefix(model: nn.Module, tokens: list[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Keys and values of every layer for `tokens` (positions 0..P-1), for packed rows to reuse."""
+@dataclass
+class Prefixes:
+    """Token prefixes encoded once, for the packed rows that start after them.
+
+    layers[g][i] holds prefix g's keys and values at layer i, [kv_heads, len, head_dim]."""
+
+    tokens: list[list[int]]
+    layers: list[list[tuple[torch.Tensor, torch.Tensor]]]
+
+    def for_rows(self, which: list[int]) -> RowPrefixes | None:
+        """The cached prefix of each row of a batch: row b starts after prefix which[b], or
+        at position 0 when which[b] is -1; right-padded to the longest (a row never attends
+        to the slots past its own prefix). None when no row has a prefix."""
+        lengths = [len(self.tokens[g]) if g >= 0 else 0 for g in which]
+        width = max(lengths)
+        if not width:
+            return None
+        rows_of: dict[int, list[int]] = {}  # one copy per prefix and layer, not per row
+        for b, g in enumerate(which):
+            if g >= 0:
+                rows_of.setdefault(g, []).append(b)
+        layers = []
+        for i, (k0, _) in enumerate(self.layers[next(iter(rows_of))]):
+            keys = k0.new_zeros(len(which), k0.shape[0], width, k0.shape[2])
+            values = torch.zeros_like(keys)
+            for g, rows in rows_of.items():
+                index = torch.tensor(rows, device=keys.device)
+                n = len(self.tokens[g])
+                keys[index, :, :n] = self.layers[g][i][0]
+                values[index, :, :n] = self.layers[g][i][1]
+            layers.append((keys, values))
+        digest = hashlib.blake2b(repr([self.tokens[g] if g >= 0 else [] for g in which]).encode(),
+                                 digest_size=16).hexdigest()
+        return RowPrefixes(layers, torch.tensor(lengths, device=keys.device), digest)
+
+
+@dataclass
+class RowPrefixes:
+    """Per-row cached prefixes of one batch (see Prefixes.for_rows)."""
+
+    layers: list[tuple[torch.Tensor, torch.Tensor]]
+    lengths: torch.Tensor  # [B]
+    digest: str  # of the rows' prefix tokens: recorded layer inputs depend on them
+
+    def cache(self):
+        from transformers import DynamicCache
+
+        return DynamicCache(ddp_cache_data=list(self.layers))
+
+
+def encode_prefixes(model: nn.Module, prefixes: list[list[int]], token_budget: int
+                    ) -> Prefixes:
+    """Keys and values of every layer for each prefix (positions 0..P-1), encoded in batches
+    of similar length within `token_budget` padded tokens."""
     from transformers import DynamicCache
 
     device = next(model.parameters()).device
-    cache = DynamicCache()
-    decoder(model)(input_ids=torch.tensor([tokens], device=device), cache=cache,
-                   use_cache=True)
-    return [(layer.keys, layer.values) for layer in cache.layers]
-
-
-def _batch_cache(past: list[tuple[torch.Tensor, torch.Tensor]], rows: int):
-    from transformers import DynamicCache
-
-    return DynamicCache(ddp_cache_data=[(k.expand(rows, -1, -1, -1), v.expand(rows, -1, -1, -1))
-                                        for k, v in past])
+    layers: list[list[tuple[torch.Tensor, torch.Tensor]]] = [[] for _ in prefixes]
+    for batch in by_budget(list(range(len(prefixes))), lambda g: len(prefixes[g]), token_budget):
+        ids = torch.zeros(len(batch), len(prefixes[batch[0]]), dtype=torch.long)
+        for row, g in enumerate(batch):  # right-padded: causal tokens never see what follows
+            ids[row, :len(prefixes[g])] = torch.tensor(prefixes[g])
+        cache = DynamicCache()
+        decoder(model)(input_ids=ids.to(device), cache=cache, use_cache=True)
+        for row, g in enumerate(batch):
+            n = len(prefixes[g])
+            layers[g] = [(layer.keys[row, :, :n], layer.values[row, :, :n])
+                         for layer in cache.layers]
+    return Prefixes([list(p) for p in prefixes], layers)
 
 
 def packed_hidden(model: nn.Module, plan: Plan | None, input_ids: torch.Tensor,
                   segments: torch.Tensor, positions: torch.Tensor,
-                  past: list[tuple[torch.Tensor, torch.Tensor]] | None = None) -> torch.Tensor:
-    """Last hidden states [B, L, H] of packed rows (see packed_mask), after `past` if given.
-
-    A batch that attends to a cached prefix runs every layer (`plan` is not used for it). Rows
-    without branches must start at position 0 when there is no `past` (as `_packed_batch`
-    builds them)."""
-    if not past and not bool((segments > 0).any()):
+                  past: RowPrefixes | None = None) -> torch.Tensor:
+    """Last hidden states [B, L, H] of packed rows (see packed_mask), each after its cached
+    prefix in `past` if given. Rows without branches must start at position 0 when there is
+    no `past` (as `_packed_batch` builds them)."""
+    if past is None and not bool((segments > 0).any()):
         # No branches (every choice one token: MMLU): right-padded causal rows, which the
         # model's own causal attention computes without a 4-D mask (lm-eval's rows); real
         # tokens never see the padding after them, and their positions are 0, 1, ...
         return run_decoder(model, plan, input_ids=input_ids, use_cache=False)
     dtype = next(model.parameters()).dtype
-    prefix_len = past[0][0].shape[2] if past else 0
-    mask = packed_mask(segments, positions, dtype, prefix_len)
-    if past:
-        return run_decoder(model, None, input_ids=input_ids, attention_mask=mask,
-                           position_ids=positions, use_cache=True,
-                           cache=_batch_cache(past, input_ids.shape[0]))
+    mask = packed_mask(segments, positions, dtype, past.lengths if past is not None else None)
+    if past is not None:
+        # Layers skipped under `plan` leave their cached prefix unread; the recorded layer
+        # inputs are keyed by the prefixes' tokens as well as the rows'.
+        return run_decoder(model, plan, key=past.digest, input_ids=input_ids,
+                           attention_mask=mask, position_ids=positions, use_cache=True,
+                           cache=past.cache())
     return run_decoder(model, plan, input_ids=input_ids, attention_mask=mask,
                        position_ids=positions, use_cache=False)
 
@@ -191,30 +248,41 @@ def _probe(model: nn.Module):
 
 
 def _packed_probe(model: nn.Module, prefix: list[int], branches: list[list[int]],
-                  cached: int) -> torch.Tensor:
-    """The probe's branch log-probs from one packed row whose first `cached` prefix tokens
-    come from a key/value cache."""
+                  cached: tuple[int, ...]) -> torch.Tensor:
+    """The probe's branch log-probs from packed rows, one per entry of `cached`: row r has
+    its first cached[r] prefix tokens in a key/value cache (rows of different cached lengths
+    share one batch, as in `multiple_choice`) and a padding slot at its end."""
     device = next(model.parameters()).device
-    past = encode_prefix(model, prefix[:cached]) if cached else None
-    context = prefix[cached:]
-    tokens, segs, pos = list(context), [0] * len(context), list(range(cached, len(prefix)))
-    rows, targets = [], []
-    for j, branch in enumerate(branches, start=1):
-        rows.append(len(context) - 1)
-        for i, t in enumerate(branch[:-1]):  # the last token of a branch is not needed as input
-            rows.append(len(tokens))
-            tokens.append(t)
-            segs.append(j)
-            pos.append(len(prefix) + i)
-        targets.extend(branch)
-    tokens, segs, pos = tokens + [0], segs + [-1], pos + [0]  # a padding slot, as in batches
-    as_tensor = lambda x: torch.tensor([x], device=device)  # noqa: E731
-    hidden = packed_hidden(model, None, as_tensor(tokens), as_tensor(segs), as_tensor(pos), past)
-    return token_logprobs(model, hidden[0, rows], torch.tensor(targets, device=device))
+    past = (encode_prefixes(model, [prefix[:n] for n in cached], 10 ** 6)
+            .for_rows(list(range(len(cached)))) if any(cached) else None)
+    rows_ids, rows_segs, rows_pos, picks, targets = [], [], [], [], []
+    for r, n in enumerate(cached):
+        context = prefix[n:]
+        tokens, segs, pos = list(context), [0] * len(context), list(range(n, len(prefix)))
+        for j, branch in enumerate(branches, start=1):
+            picks.append((r, len(context) - 1))
+            for i, t in enumerate(branch[:-1]):  # a branch's last token is not needed as input
+                picks.append((r, len(tokens)))
+                tokens.append(t)
+                segs.append(j)
+                pos.append(len(prefix) + i)
+            targets.extend(branch)
+        rows_ids.append(tokens)
+        rows_segs.append(segs)
+        rows_pos.append(pos)
+    width = max(len(t) for t in rows_ids) + 1  # every row ends in padding, as in batches
+    for row, fill in ((rows_ids, 0), (rows_segs, -1), (rows_pos, 0)):
+        for values in row:
+            values.extend([fill] * (width - len(values)))
+    as_tensor = lambda x: torch.tensor(x, device=device)  # noqa: E731
+    hidden = packed_hidden(model, None, as_tensor(rows_ids), as_tensor(rows_segs),
+                           as_tensor(rows_pos), past)
+    rows, cols = zip(*picks)
+    return token_logprobs(model, hidden[as_tensor(rows), as_tensor(cols)], as_tensor(targets))
 
 
 @torch.no_grad()
-def _check(model: nn.Module, attribute: str, cached: int, what: str) -> bool:
+def _check(model: nn.Module, attribute: str, cached: tuple[int, ...], what: str) -> bool:
     ok = getattr(model, attribute, None)
     if ok is not None:
         return ok
@@ -222,7 +290,8 @@ def _check(model: nn.Module, attribute: str, cached: int, what: str) -> bool:
     try:
         prefix, branches, reference = _probe(model)
         fast = _packed_probe(model, prefix, branches, cached)
-        ok = bool(torch.allclose(fast, reference, atol=_tolerance(dtype), rtol=0))
+        ok = bool(torch.allclose(fast, reference.repeat(len(cached)), atol=_tolerance(dtype),
+                                 rtol=0))
         if not ok:
             warnings.warn(f"{what} of {type(model).__name__} does not match its plain forward; "
                           "evaluating without it (exact, slower)", stacklevel=2)
@@ -236,10 +305,10 @@ def _check(model: nn.Module, attribute: str, cached: int, what: str) -> bool:
 
 def fast_path_ok(model: nn.Module) -> bool:
     """Packed rows + head-only logits give the plain forward's log-probs (checked once per model)."""
-    return _check(model, "_sw_eval_fast_path", 0, "packed evaluation")
+    return _check(model, "_sw_eval_fast_path", (0,), "packed evaluation")
 
 
 def shared_prefix_ok(model: nn.Module) -> bool:
     """Packed rows after a cached prefix give the plain forward's log-probs (checked once)."""
-    return fast_path_ok(model) and _check(model, "_sw_eval_shared_prefix", 4,
+    return fast_path_ok(model) and _check(model, "_sw_eval_shared_prefix", (4, 2),
                                           "shared-prefix evaluation")

@@ -8,8 +8,9 @@ tokens (SmolLM2 adds none). The model reads context + continuation minus its las
 Speed: a question is one packed row, its context once and each choice's tokens as a branch
 that sees the context (forward.packed_mask), so the context is encoded once for all choices;
 the LM head runs only where a continuation token is predicted. Questions whose contexts start
-with the same long token prefix (k-shot MMLU: a subject's description and solved examples)
-share one encoding of it through the key/value cache. Batches are built by length under a
+with the same token prefix (MMLU: a subject's description, and in k-shot its solved
+examples) share one encoding of it through the key/value cache; one batch holds questions of
+many prefixes, each row attending to its own. Batches are built by length under a
 token budget (batching.py). Questions too long for the model, or models that fail
 `forward.fast_path_ok`, fall back to one row per (question, choice) through the model's plain
 forward, exactly as lm-eval computes it.
@@ -27,8 +28,9 @@ from .batching import by_budget
 from .prefix import Plan
 from .tasks import TARGET_DELIMITER, MCRequest
 
-# Shortest token prefix worth encoding once for several questions.
-MIN_SHARED = 32
+# Shortest token prefix worth encoding once for several questions (0-shot MMLU's subject
+# description is about 15 tokens).
+MIN_SHARED = 8
 
 
 @dataclass
@@ -67,18 +69,19 @@ def encode_request(tokenizer, request: MCRequest) -> Encoded:
 
 @torch.no_grad()
 def _packed_batch(model: nn.Module, batch: list[Encoded], device, plan: Plan | None,
-                  shared: int = 0, past=None) -> list[list[float]]:
+                  past: forward.RowPrefixes | None = None) -> list[list[float]]:
     """One row per question: context, then each choice's tokens (all but the last) as a branch.
 
-    shared: the first `shared` context tokens are the same for every question of the batch
-    and already encoded in `past` (their keys and values); the row starts after them.
+    past: the cached prefix of each row (the first past.lengths[b] context tokens of
+    question b, already encoded); the row starts after it.
     """
-    length = max(e.packed_length for e in batch) - shared
+    cached = past.lengths.tolist() if past is not None else [0] * len(batch)
+    length = max(e.packed_length - n for e, n in zip(batch, cached))
     ids = torch.zeros(len(batch), length, dtype=torch.long)
     segments = torch.full((len(batch), length), -1, dtype=torch.long)
     positions = torch.zeros(len(batch), length, dtype=torch.long)
     rows, cols, targets, owners = [], [], [], []  # owners: (question, choice) of each target
-    for b, enc in enumerate(batch):
+    for b, (enc, shared) in enumerate(zip(batch, cached)):
         c = len(enc.context)
         ids[b, :c - shared] = torch.tensor(enc.context[shared:])
         segments[b, :c - shared] = 0
@@ -144,13 +147,19 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
     return n
 
 
-def shared_prefix_groups(encoded: list[Encoded], min_shared: int = MIN_SHARED
+def shared_prefix_groups(encoded: list[Encoded], min_shared: int | None = None
                          ) -> list[tuple[int, list[Encoded]]]:
     """(shared token count, questions) groups: questions whose contexts start with the same
-    `shared` >= min_shared tokens (k-shot MMLU: one subject's description and solved
-    examples); every other question alone with 0. Found on the tokens themselves, so a
-    tokenizer that merges across the prefix's end never shares a wrong prefix. At least the
-    last context token of every question stays outside the prefix (it predicts the answer)."""
+    `shared` >= min_shared tokens (MMLU: a subject's description, and in k-shot its solved
+    examples; HellaSwag: consecutive clips of one video); every other question alone with 0.
+
+    Contexts are taken in sorted order; a question joins the running group when the tokens
+    the group saves, (members - 1) x shared, do not shrink by it (so two k-shot subjects,
+    which share only the description's first words, stay apart). Found on the tokens
+    themselves, so a tokenizer that merges across the prefix's end never shares a wrong
+    prefix. At least the last context token of every question stays outside the prefix (it
+    predicts the answer)."""
+    min_shared = MIN_SHARED if min_shared is None else min_shared
     ordered = sorted(encoded, key=lambda e: e.context)
     groups: list[tuple[int, list[Encoded]]] = []
     run: list[Encoded] = []
@@ -158,7 +167,7 @@ def shared_prefix_groups(encoded: list[Encoded], min_shared: int = MIN_SHARED
     for enc in ordered + [None]:
         if enc is not None and run:
             common = min(shared, _common_prefix(run[0].context, enc.context), len(enc.context) - 1)
-            if common >= min_shared:
+            if common >= min_shared and len(run) * common >= (len(run) - 1) * shared:
                 run.append(enc)
                 shared = common
                 continue
@@ -171,6 +180,23 @@ def shared_prefix_groups(encoded: list[Encoded], min_shared: int = MIN_SHARED
     return groups
 
 
+def _prefix_chunks(groups: list[tuple[int, list[Encoded]]], token_budget: int
+                   ) -> list[list[tuple[int, list[Encoded]]]]:
+    """Groups whose prefixes are encoded and kept together: at most `token_budget` prefix
+    tokens in all (one group alone when its prefix is longer), so the cached keys and values
+    stay bounded like a batch's activations."""
+    chunks: list[list[tuple[int, list[Encoded]]]] = []
+    total = 0
+    for group in groups:
+        if chunks and total + group[0] <= token_budget:
+            chunks[-1].append(group)
+            total += group[0]
+        else:
+            chunks.append([group])
+            total = group[0]
+    return chunks
+
+
 def choice_loglikelihoods(model: nn.Module, encoded: list[Encoded], token_budget: int,
                           on_batch: Callable[[int], None] | None = None,
                           plan: Plan | None = None, max_rows: int | None = None
@@ -178,8 +204,9 @@ def choice_loglikelihoods(model: nn.Module, encoded: list[Encoded], token_budget
     """Summed continuation log-likelihood of every choice, by doc_id.
 
     Batches hold questions of similar length, at most `token_budget` padded tokens (and
-    `max_rows` questions); questions that share a long prefix are scored after one encoding
-    of it. `plan` lets ablated conditions start at their edited layer (prefix.py).
+    `max_rows` questions); questions that share a prefix are scored after one encoding of
+    it, and a batch mixes questions of different prefixes. `plan` lets ablated conditions
+    start at their edited layer (prefix.py).
     """
     device = next(model.parameters()).device
     limit = forward.max_length(model)
@@ -200,15 +227,22 @@ def choice_loglikelihoods(model: nn.Module, encoded: list[Encoded], token_budget
         if on_batch:
             on_batch(len(batch))
 
+    # Each chunk of prefixes is encoded once, then its questions are batched by length
+    # together with the questions that share nothing (put in the last chunk), so sharing
+    # never splits the batches that sorting by length would build.
     singles = [e for shared, members in groups if not shared for e in members]
-    for batch in by_budget(singles, lambda e: e.packed_length, token_budget, max_rows):
-        done(batch, _packed_batch(model, batch, device, plan))
-    for shared, members in groups:
-        if not shared:
-            continue
-        past = forward.encode_prefix(model, members[0].context[:shared])
-        for batch in by_budget(members, lambda e: e.packed_length - shared, token_budget, max_rows):
-            done(batch, _packed_batch(model, batch, device, plan, shared, past))
+    chunks = _prefix_chunks([g for g in groups if g[0]], token_budget) or [[]]
+    for c, chunk in enumerate(chunks):
+        prefixes = (forward.encode_prefixes(model, [m[0].context[:n] for n, m in chunk],
+                                            token_budget) if chunk else None)
+        # (its prefix's index in the chunk or -1, the prefix's length, question)
+        rows = [(g, n, enc) for g, (n, members) in enumerate(chunk) for enc in members]
+        if c == len(chunks) - 1:
+            rows += [(-1, 0, enc) for enc in singles]
+        for batch in by_budget(rows, lambda r: r[2].packed_length - r[1], token_budget, max_rows):
+            questions = [enc for _, _, enc in batch]
+            past = prefixes.for_rows([g for g, _, _ in batch]) if prefixes else None
+            done(questions, _packed_batch(model, questions, device, plan, past))
     # lm-eval's one row per choice: a choice is a row, so the budget counts every choice.
     for batch in by_budget(plain, lambda e: e.packed_length * len(e.continuations),
                            token_budget, max_rows):

@@ -133,12 +133,15 @@ def run_prompt(model: nn.Module, plan: Plan | None, input_ids: torch.Tensor, cac
     return hidden
 
 
-def run_decoder(model: nn.Module, plan: Plan | None, **inputs) -> torch.Tensor:
-    """The decoder's last hidden states, reusing / recording layer inputs as `plan` says."""
+def run_decoder(model: nn.Module, plan: Plan | None, key: str = "", **inputs) -> torch.Tensor:
+    """The decoder's last hidden states, reusing / recording layer inputs as `plan` says.
+
+    Recordings are keyed by the tensors in `inputs` and by `key`, which names whatever else
+    the layer inputs depend on (the tokens of a key/value cache passed in)."""
     base = decoder(model)
     if plan is None:
         return base(**inputs).last_hidden_state
-    digest = batch_digest(inputs)
+    digest = batch_digest(inputs) + key
     if plan.start:
         state = plan.states.get((plan.fingerprint, digest, plan.start))
         if state is not None:
