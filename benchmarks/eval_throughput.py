@@ -56,7 +56,7 @@ def peak_rss_mb() -> float:
 
 
 def task_flops(lm, task: str, result: dict) -> float:
-    """Model FLOPs of the items of one task result (flops.py)."""
+    """Model FLOPs of the items of one task result (flops.py), shared prefixes counted once."""
     from sw_lib import data
     from sw_lib.evaluate import TASKS, forward, multiple_choice
     from sw_lib.evaluate.engine import build_requests
@@ -74,9 +74,12 @@ def task_flops(lm, task: str, result: dict) -> float:
             generated = min(len(lm.tokenizer.encode(item["generation"])) + 1, spec.max_gen_toks)
             total += dims.flops(*flops.generation(prompt, generated))
         return total
-    for request in requests:
-        enc = multiple_choice.encode_request(lm.tokenizer, request)
+    encoded = [multiple_choice.encode_request(lm.tokenizer, r) for r in requests]
+    for enc in encoded:
         total += dims.flops(*flops.mc_item(len(enc.context), [len(c) for c in enc.continuations]))
+    # A prefix that several questions share is needed once (the engine encodes it once).
+    for shared, members in multiple_choice.shared_prefix_groups(encoded):
+        total -= (len(members) - 1) * dims.flops(*flops.window(shared)[:2], 0)
     return total
 
 

@@ -7,7 +7,9 @@ The count (dense decoder models; 2 FLOPs per multiply-add):
   within a window or context, a choice's tokens against its context and its own earlier
   tokens, a generated token against everything before it;
 - head: 2 x hidden x vocab per position whose log-probabilities are read (scored tokens;
-  one per generated token).
+  one per generated token);
+- a token prefix that several questions' contexts share (MMLU's description) once, as the
+  engine encodes it (eval_throughput.task_flops).
 Embeddings, norms, activations and softmax are left out (a few percent). Padding, recomputed
 or wasted work is not counted: the figure is the work the task needs, so GFLOP/s over wall
 time says how close the engine runs to the hardware.
