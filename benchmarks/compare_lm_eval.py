@@ -9,6 +9,9 @@ run on the same loaded model, one condition (no edits), the engine without its c
 per task: identical prompts (lm-eval's context strings against ours), identical per-item
 choices (acc, acc_norm) or generated answers, the largest log-likelihood difference, the
 metric on both sides, and the time ratio (targets: >= 3x HellaSwag and ARC, 1.5x MMLU, 2x GSM8K).
+With --repeats N each side runs N times per task, the sides alternating which goes first, and
+the median times count (on a machine whose speed drifts, one run per side has moved a ratio by
+0.3x).
 
 lm-eval is an optional extra; install it in its own virtual environment (not the project's):
 
@@ -26,6 +29,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from statistics import median
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -213,10 +217,14 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
     parser.add_argument("--dtype", default="float32", help="model dtype for both sides")
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="timed runs per side and task, sides alternating; the median counts")
     parser.add_argument("--token-budget", type=check_token_budget, default=DEFAULT_TOKEN_BUDGET,
                         help="engine: most padded tokens per pass, or auto (the default: sized "
                              "to the free memory, at most 1024 on a CPU)")
     args = parser.parse_args()
+    if args.repeats < 1:
+        parser.error(f"--repeats must be at least 1, got {args.repeats}")
     import torch
 
     if args.threads:
@@ -231,7 +239,8 @@ def main() -> None:
     lm = load_model(args.model, dtype=args.dtype, device=args.device)
     print(f"model {args.model} ({lm.fingerprint[:12]}, {lm.dtype}, {lm.device}), lm-eval "
           f"{lm_eval.__version__}, {args.items} items per MC task (0-shot), {args.gsm8k_items} "
-          f"GSM8K (5-shot), lm-eval batch {args.batch_size}, threads {torch.get_num_threads()}",
+          f"GSM8K (5-shot), lm-eval batch {args.batch_size}, threads {torch.get_num_threads()}, "
+          f"median of {args.repeats} run(s) per side, sides alternating",
           flush=True)
     warm_up(lm, args.tasks, args.batch_size)
     rows = []
@@ -243,14 +252,23 @@ def main() -> None:
             shots = spec.default_shots
             selection = data.select_items(spec.split, n)
             requests = build_requests(spec, selection.items, shots)
-            start = time.perf_counter()
-            ours = run_task(lm, task, n, cache=False, progress=False,
-                            token_budget=args.token_budget)
-            ours_seconds = time.perf_counter() - start
             picked = [row for _, row in selection.items]
             name = (write_gsm8k_task(folder, picked) if task == "gsm8k"
                     else write_mc_task(folder, task, picked))
-            samples, theirs_seconds = lm_eval_run(lm, folder, name, args.batch_size, shots)
+            # Sides alternate (ours first, then theirs first, ...) and each side's median
+            # time counts, so the machine's drift does not favour whichever runs first.
+            ours_times, theirs_times = [], []
+            for repeat in range(args.repeats):
+                for side in (("ours", "theirs") if repeat % 2 == 0 else ("theirs", "ours")):
+                    if side == "ours":
+                        start = time.perf_counter()
+                        ours = run_task(lm, task, n, cache=False, progress=False,
+                                        token_budget=args.token_budget)
+                        ours_times.append(time.perf_counter() - start)
+                    else:
+                        samples, seconds = lm_eval_run(lm, folder, name, args.batch_size, shots)
+                        theirs_times.append(seconds)
+            ours_seconds, theirs_seconds = median(ours_times), median(theirs_times)
             row = (compare_gsm8k(ours, samples, requests) if task == "gsm8k"
                    else compare_mc(task, ours, samples, requests))
             row.update(task=task, ours_seconds=ours_seconds, theirs_seconds=theirs_seconds)
