@@ -16,7 +16,6 @@ input; families that fail a check are evaluated without that saving (exact, slow
 """
 from __future__ import annotations
 
-import hashlib
 import warnings
 from dataclasses import dataclass
 
@@ -24,7 +23,7 @@ import torch
 from torch import nn
 
 from .batching import by_budget
-from .prefix import Plan, decoder, run_decoder
+from .prefix import Plan, batch_digest, decoder, run_decoder
 
 # Positions whose logits are materialised at once (memory: chunk x vocab floats).
 HEAD_CHUNK = 1024
@@ -148,9 +147,12 @@ class Prefixes:
                 keys[index, :, :n] = self.layers[g][i][0]
                 values[index, :, :n] = self.layers[g][i][1]
             layers.append((keys, values))
-        digest = hashlib.blake2b(repr([self.tokens[g] if g >= 0 else [] for g in which]).encode(),
-                                 digest_size=16).hexdigest()
-        return RowPrefixes(layers, torch.tensor(lengths, device=keys.device), digest)
+        tokens = torch.zeros(len(which), width, dtype=torch.long)
+        for g, rows in rows_of.items():
+            tokens[rows, :len(self.tokens[g])] = torch.tensor(self.tokens[g])
+        lengths = torch.tensor(lengths)
+        digest = batch_digest({"prefix_tokens": tokens, "prefix_lengths": lengths})
+        return RowPrefixes(layers, lengths.to(keys.device), digest)
 
 
 @dataclass
