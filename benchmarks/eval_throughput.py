@@ -58,7 +58,7 @@ def peak_rss_mb() -> float:
 def task_flops(lm, task: str, result: dict) -> float:
     """Model FLOPs of the items of one task result (flops.py), shared prefixes counted once."""
     from sw_lib import data
-    from sw_lib.evaluate import TASKS, forward, multiple_choice, sharing
+    from sw_lib.evaluate import TASKS, forward, multiple_choice
     from sw_lib.evaluate.engine import build_requests
 
     dims = flops.Dims.of(lm.model)
@@ -77,13 +77,9 @@ def task_flops(lm, task: str, result: dict) -> float:
     encoded = [multiple_choice.encode_request(lm.tokenizer, r) for r in requests]
     for enc in encoded:
         total += dims.flops(*flops.mc_item(len(enc.context), [len(c) for c in enc.continuations]))
-    # A prefix that several questions share is needed once (the engine encodes it once): each
-    # node of the tree saves its tokens past the prefix it extends, for all but one question.
-    tree = sharing.prefix_tree([e.context for e in encoded], multiple_choice.MIN_SAVED)
-    for tokens, parent, size in zip(tree.tokens, tree.parents, tree.sizes):
-        base = len(tree.tokens[parent]) if parent >= 0 else 0
-        node = dims.flops(*flops.window(len(tokens))[:2], 0) - dims.flops(*flops.window(base)[:2], 0)
-        total -= (size - 1) * node
+    # A prefix that several questions share is needed once (the engine encodes it once).
+    for shared, members in multiple_choice.shared_prefix_groups(encoded):
+        total -= (len(members) - 1) * dims.flops(*flops.window(shared)[:2], 0)
     return total
 
 

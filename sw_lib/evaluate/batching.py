@@ -25,26 +25,20 @@ DEFAULT_TOKEN_BUDGET = config.default("evaluation.token_budget")
 
 
 def by_budget(items: Sequence[T], length: Callable[[T], int], token_budget: int,
-              max_rows: int | None = None, max_waste: int | None = None) -> list[list[T]]:
-    """Consecutive batches of `items` sorted by `length` (longest first) within the budget.
-
-    max_waste: a batch also ends before an item that would bring its padding (slots no token
-    fills) above this many tokens (for lengths that jump, like shared prefixes' segments)."""
+              max_rows: int | None = None) -> list[list[T]]:
+    """Consecutive batches of `items` sorted by `length` (longest first) within the budget."""
     if token_budget < 1:
         raise ValueError(f"token_budget must be at least 1, got {token_budget}")
     batches: list[list[T]] = []
     batch: list[T] = []
-    width = waste = 0
+    width = 0
     for item in sorted(items, key=length, reverse=True):
         n = length(item)
         fits = (len(batch) + 1) * max(width, n) <= token_budget
-        if max_waste is not None and waste + width - n > max_waste:
-            fits = False
         if batch and (not fits or (max_rows and len(batch) >= max_rows)):
             batches.append(batch)
-            batch, width, waste = [], 0, 0
+            batch, width = [], 0
         batch.append(item)
-        waste += max(width - n, 0)
         width = max(width, n)
     if batch:
         batches.append(batch)

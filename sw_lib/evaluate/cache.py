@@ -17,7 +17,7 @@ from pathlib import Path
 from .prefix import DEFAULT_BUDGET, LayerStates
 
 # Bump when the engine's numerics or per-item result format change (invalidates old entries).
-ENGINE_VERSION = 2  # 2: nested shared prefixes (bfloat16 roundings of a few choices moved)
+ENGINE_VERSION = 1
 
 
 def digest(obj) -> str:

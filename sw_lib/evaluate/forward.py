@@ -5,10 +5,10 @@ Three savings over a plain `model(input_ids).logits`:
   applied only at the positions whose next-token log-probability is needed;
 - several sequences that share a context run as one packed row with a 4-D attention mask and
   explicit position ids (the context is encoded once; see multiple_choice.py);
-- token prefixes shared by several rows (MMLU: the description, and in k-shot the same
-  solved examples for every question of the subject) are encoded once into a key/value
-  cache, a prefix that extends another after the other's cache; each packed row of a batch
-  attends to its own prefix in it (`encode_prefixes`, `packed_hidden(..., past=...)`).
+- token prefixes shared by several rows (MMLU: a subject's description, and in k-shot the
+  same solved examples for every question of the subject) are encoded once into a key/value
+  cache; each packed row of a batch attends to its own prefix in it (`encode_prefixes`,
+  `packed_hidden(..., past=...)`).
 
 These rely on how a family builds its logits, masks and caches, so `fast_path_ok(model)` and
 `shared_prefix_ok(model)` check them once per model against the plain forward on a small
@@ -27,9 +27,6 @@ from .prefix import Plan, batch_digest, decoder, run_decoder
 
 # Positions whose logits are materialised at once (memory: chunk x vocab floats).
 HEAD_CHUNK = 1024
-# What one more decoder pass costs, in tokens: a small batch still reads every weight
-# (SmolLM2-135M on 2 CPU cores: about 40 ms a pass, 1.3 ms a token).
-PASS_TOKENS = 32
 
 
 def max_length(model: nn.Module) -> int:
@@ -172,66 +169,25 @@ class RowPrefixes:
         return DynamicCache(ddp_cache_data=list(self.layers))
 
 
-def encode_prefixes(model: nn.Module, prefixes: list[list[int]], token_budget: int,
-                    parents: list[int] | None = None) -> Prefixes:
+def encode_prefixes(model: nn.Module, prefixes: list[list[int]], token_budget: int
+                    ) -> Prefixes:
     """Keys and values of every layer for each prefix (positions 0..P-1), encoded in batches
-    of similar length within `token_budget` padded tokens.
-
-    parents[g] (-1: none) names an earlier prefix that prefix g starts with: only g's tokens
-    past it are encoded, after its cached keys and values (a tree of shared prefixes is
-    encoded level by level, each token once)."""
-    parents = parents if parents is not None else [-1] * len(prefixes)
-    out = Prefixes([list(p) for p in prefixes], [[] for _ in prefixes])
-    depth: list[int] = []
-    for g, parent in enumerate(parents):
-        if not -1 <= parent < g:
-            raise ValueError(f"prefix {g}'s parent {parent} must come before it")
-        depth.append(depth[parent] + 1 if parent >= 0 else 0)
-    start = [len(prefixes[parent]) if parent >= 0 else 0 for parent in parents]
-    for level in range(max(depth, default=-1) + 1):
-        nodes = [g for g in range(len(prefixes)) if depth[g] == level]
-        # Segments' lengths jump (a subject's name, or its solved examples): a batch ends
-        # where its padding would cost more than another pass.
-        for batch in by_budget(nodes, lambda g: len(prefixes[g]) - start[g], token_budget,
-                               max_waste=PASS_TOKENS):
-            _encode_level(model, out, batch, start, [parents[g] for g in batch])
-    return out
-
-
-def _encode_level(model: nn.Module, out: Prefixes, batch: list[int], start: list[int],
-                  parents: list[int]) -> None:
-    """Encode prefix g's tokens from start[g] for each g of `batch`, after its parent's
-    cached keys and values (all parents -1, or all encoded already)."""
+    of similar length within `token_budget` padded tokens."""
     from transformers import DynamicCache
 
     device = next(model.parameters()).device
-    length = max(len(out.tokens[g]) - start[g] for g in batch)
-    ids = torch.zeros(len(batch), length, dtype=torch.long)
-    segments = torch.full((len(batch), length), -1, dtype=torch.long)
-    positions = torch.zeros(len(batch), length, dtype=torch.long)
-    for row, g in enumerate(batch):  # right-padded: causal tokens never see what follows
-        n = len(out.tokens[g]) - start[g]
-        ids[row, :n] = torch.tensor(out.tokens[g][start[g]:])
-        segments[row, :n] = 0
-        positions[row, :n] = torch.arange(start[g], start[g] + n)
-    past = out.for_rows(parents) if parents[0] >= 0 else None
-    if past is None:
+    layers: list[list[tuple[torch.Tensor, torch.Tensor]]] = [[] for _ in prefixes]
+    for batch in by_budget(list(range(len(prefixes))), lambda g: len(prefixes[g]), token_budget):
+        ids = torch.zeros(len(batch), len(prefixes[batch[0]]), dtype=torch.long)
+        for row, g in enumerate(batch):  # right-padded: causal tokens never see what follows
+            ids[row, :len(prefixes[g])] = torch.tensor(prefixes[g])
         cache = DynamicCache()
         decoder(model)(input_ids=ids.to(device), cache=cache, use_cache=True)
-        width = 0
-    else:
-        dtype = next(model.parameters()).dtype
-        cache = past.cache()
-        mask = packed_mask(segments.to(device), positions.to(device), dtype, past.lengths)
-        decoder(model)(input_ids=ids.to(device), attention_mask=mask,
-                       position_ids=positions.to(device), cache=cache, use_cache=True)
-        width = int(past.lengths.max())
-    for row, g in enumerate(batch):
-        n, kept = len(out.tokens[g]) - start[g], start[g]
-        # The parent's keys and values (the row's first `kept` of `width` slots), then g's own.
-        out.layers[g] = [tuple(torch.cat([t[row, :, :kept], t[row, :, width:width + n]], dim=1)
-                               for t in (layer.keys, layer.values))
+        for row, g in enumerate(batch):
+            n = len(prefixes[g])
+            layers[g] = [(layer.keys[row, :, :n], layer.values[row, :, :n])
                          for layer in cache.layers]
+    return Prefixes([list(p) for p in prefixes], layers)
 
 
 def packed_hidden(model: nn.Module, plan: Plan | None, input_ids: torch.Tensor,
@@ -297,15 +253,10 @@ def _packed_probe(model: nn.Module, prefix: list[int], branches: list[list[int]]
                   cached: tuple[int, ...]) -> torch.Tensor:
     """The probe's branch log-probs from packed rows, one per entry of `cached`: row r has
     its first cached[r] prefix tokens in a key/value cache (rows of different cached lengths
-    share one batch, as in `multiple_choice`) and a padding slot at its end. Each cached
-    prefix is encoded after the next shorter one, as nested shared prefixes are."""
+    share one batch, as in `multiple_choice`) and a padding slot at its end."""
     device = next(model.parameters()).device
-    past = None
-    if any(cached):
-        lengths = sorted(set(n for n in cached if n))
-        encoded = encode_prefixes(model, [prefix[:n] for n in lengths], 10 ** 6,
-                                  list(range(-1, len(lengths) - 1)))
-        past = encoded.for_rows([lengths.index(n) if n else -1 for n in cached])
+    past = (encode_prefixes(model, [prefix[:n] for n in cached], 10 ** 6)
+            .for_rows(list(range(len(cached)))) if any(cached) else None)
     rows_ids, rows_segs, rows_pos, picks, targets = [], [], [], [], []
     for r, n in enumerate(cached):
         context = prefix[n:]

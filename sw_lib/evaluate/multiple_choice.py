@@ -8,10 +8,9 @@ tokens (SmolLM2 adds none). The model reads context + continuation minus its las
 Speed: a question is one packed row, its context once and each choice's tokens as a branch
 that sees the context (forward.packed_mask), so the context is encoded once for all choices;
 the LM head runs only where a continuation token is predicted. Questions whose contexts start
-with the same tokens (MMLU: the description's opening, then a subject's name, and in k-shot
-its solved examples; ARC: "Question:") share one encoding of them through the key/value
-cache, nested prefixes level by level (sharing.py); one batch holds questions of many
-prefixes, each row attending to its own. Batches are built by length under a
+with the same token prefix (MMLU: a subject's description, and in k-shot its solved
+examples) share one encoding of it through the key/value cache; one batch holds questions of
+many prefixes, each row attending to its own. Batches are built by length under a
 token budget (batching.py). Questions too long for the model, or models that fail
 `forward.fast_path_ok`, fall back to one row per (question, choice) through the model's plain
 forward, exactly as lm-eval computes it.
@@ -24,14 +23,14 @@ from typing import Callable, Iterable
 import torch
 from torch import nn
 
-from . import forward, sharing
+from . import forward
 from .batching import by_budget
 from .prefix import Plan
 from .tasks import TARGET_DELIMITER, MCRequest
 
-# Fewest token encodings a shared prefix must save to be encoded once on its own
-# (sharing.py): (questions under it - 1) x (its tokens beyond the prefix it extends).
-MIN_SAVED = 16
+# Shortest token prefix worth encoding once for several questions (0-shot MMLU's subject
+# description is about 15 tokens).
+MIN_SHARED = 8
 
 
 @dataclass
@@ -137,6 +136,67 @@ def _plain_rows(model: nn.Module, batch: list[Encoded], device, limit: int) -> l
     return sums
 
 
+# --- which questions share a prefix ----------------------------------------------------------
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = min(len(a), len(b))
+    for i in range(n):
+        if a[i] != b[i]:
+            return i
+    return n
+
+
+def shared_prefix_groups(encoded: list[Encoded], min_shared: int | None = None
+                         ) -> list[tuple[int, list[Encoded]]]:
+    """(shared token count, questions) groups: questions whose contexts start with the same
+    `shared` >= min_shared tokens (MMLU: a subject's description, and in k-shot its solved
+    examples; HellaSwag: consecutive clips of one video); every other question alone with 0.
+
+    Contexts are taken in sorted order; a question joins the running group when the tokens
+    the group saves, (members - 1) x shared, do not shrink by it (so two k-shot subjects,
+    which share only the description's first words, stay apart). Found on the tokens
+    themselves, so a tokenizer that merges across the prefix's end never shares a wrong
+    prefix. At least the last context token of every question stays outside the prefix (it
+    predicts the answer)."""
+    min_shared = MIN_SHARED if min_shared is None else min_shared
+    ordered = sorted(encoded, key=lambda e: e.context)
+    groups: list[tuple[int, list[Encoded]]] = []
+    run: list[Encoded] = []
+    shared = 0
+    for enc in ordered + [None]:
+        if enc is not None and run:
+            common = min(shared, _common_prefix(run[0].context, enc.context), len(enc.context) - 1)
+            if common >= min_shared and len(run) * common >= (len(run) - 1) * shared:
+                run.append(enc)
+                shared = common
+                continue
+        if len(run) > 1:
+            groups.append((shared, run))
+        else:
+            groups.extend((0, [e]) for e in run)
+        run = [enc] if enc is not None else []
+        shared = len(enc.context) - 1 if enc is not None else 0
+    return groups
+
+
+def _prefix_chunks(groups: list[tuple[int, list[Encoded]]], token_budget: int
+                   ) -> list[list[tuple[int, list[Encoded]]]]:
+    """Groups whose prefixes are encoded and kept together: at most `token_budget` prefix
+    tokens in all (one group alone when its prefix is longer), so the cached keys and values
+    stay bounded like a batch's activations."""
+    chunks: list[list[tuple[int, list[Encoded]]]] = []
+    total = 0
+    for group in groups:
+        if chunks and total + group[0] <= token_budget:
+            chunks[-1].append(group)
+            total += group[0]
+        else:
+            chunks.append([group])
+            total = group[0]
+    return chunks
+
+
 def choice_loglikelihoods(model: nn.Module, encoded: list[Encoded], token_budget: int,
                           on_batch: Callable[[int], None] | None = None,
                           plan: Plan | None = None, max_rows: int | None = None
@@ -156,9 +216,9 @@ def choice_loglikelihoods(model: nn.Module, encoded: list[Encoded], token_budget
                 and max(len(e.context) + len(c) for c in e.continuations) <= limit + 1]
     packed_ids = {id(e) for e in packable}
     plain = [e for e in encoded if id(e) not in packed_ids]
-    tree = sharing.prefix_tree([e.context for e in packable], MIN_SAVED)
-    if tree.tokens and not forward.shared_prefix_ok(model):
-        tree = sharing.prefix_tree([], MIN_SAVED)
+    groups = shared_prefix_groups(packable)
+    if any(shared for shared, _ in groups) and not forward.shared_prefix_ok(model):
+        groups = [(0, [e for _, members in groups for e in members])]
     results: dict[int, list[float]] = {}
 
     def done(batch, sums):
@@ -167,21 +227,16 @@ def choice_loglikelihoods(model: nn.Module, encoded: list[Encoded], token_budget
         if on_batch:
             on_batch(len(batch))
 
-    # Each chunk of prefixes is encoded once (with the prefixes they extend), then its
-    # questions are batched by length together with the questions that share nothing (put in
-    # the last chunk), so sharing never splits the batches that sorting by length would build.
-    singles = [e for e, g in zip(packable, tree.node_of) if g < 0]
-    chunks = tree.chunks(token_budget) or [[]]
+    # Each chunk of prefixes is encoded once, then its questions are batched by length
+    # together with the questions that share nothing (put in the last chunk), so sharing
+    # never splits the batches that sorting by length would build.
+    singles = [e for shared, members in groups if not shared for e in members]
+    chunks = _prefix_chunks([g for g in groups if g[0]], token_budget) or [[]]
     for c, chunk in enumerate(chunks):
-        nodes = tree.with_ancestors(chunk)
-        local = {g: i for i, g in enumerate(nodes)}  # a node's index among the encoded
-        prefixes = (forward.encode_prefixes(model, [tree.tokens[g] for g in nodes], token_budget,
-                                            [local.get(tree.parents[g], -1) for g in nodes])
-                    if nodes else None)
-        hung = set(chunk)
-        # (its prefix's index among the encoded or -1, the prefix's length, question)
-        rows = [(local[g], len(tree.tokens[g]), enc)
-                for enc, g in zip(packable, tree.node_of) if g in hung]
+        prefixes = (forward.encode_prefixes(model, [m[0].context[:n] for n, m in chunk],
+                                            token_budget) if chunk else None)
+        # (its prefix's index in the chunk or -1, the prefix's length, question)
+        rows = [(g, n, enc) for g, (n, members) in enumerate(chunk) for enc in members]
         if c == len(chunks) - 1:
             rows += [(-1, 0, enc) for enc in singles]
         for batch in by_budget(rows, lambda r: r[2].packed_length - r[1], token_budget, max_rows):
