@@ -91,6 +91,19 @@ def test_a_different_edit_or_protocol_misses(lm, tmp_path):
     assert len(list((tmp_path / "eval").glob("*/arc_easy/*.json"))) == 4
 
 
+def test_another_engine_version_misses(lm, tmp_path, monkeypatch):
+    """Results of an engine whose numerics differ are never paired with this one's."""
+    from sw_lib.evaluate import cache as cache_mod
+
+    cache = EvalCache(tmp_path / "eval")
+    counter = ForwardCounter(lm.model)
+    run_task(lm, "arc_easy", 2, cache=cache, progress=False)
+    assert counter.take() > 0
+    monkeypatch.setattr(cache_mod, "ENGINE_VERSION", cache_mod.ENGINE_VERSION + 1)
+    again = run_task(lm, "arc_easy", 2, cache=cache, progress=False)
+    assert counter.take() > 0 and again["info"]["computed_items"] == 2
+
+
 def test_no_cache_and_default_location(lm, tmp_path, monkeypatch):
     counter = ForwardCounter(lm.model)
     run_task(lm, "arc_easy", 2, cache=False, batch_size=1, progress=False)
