@@ -147,10 +147,9 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
     return n
 
 
-def shared_prefix_groups(encoded: list[Encoded], min_shared: int | None = None
-                         ) -> list[tuple[int, list[Encoded]]]:
+def shared_prefix_groups(encoded: list[Encoded]) -> list[tuple[int, list[Encoded]]]:
     """(shared token count, questions) groups: questions whose contexts start with the same
-    `shared` >= min_shared tokens (MMLU: a subject's description, and in k-shot its solved
+    `shared` >= MIN_SHARED tokens (MMLU: a subject's description, and in k-shot its solved
     examples; HellaSwag: consecutive clips of one video); every other question alone with 0.
 
     Contexts are taken in sorted order; a question joins the running group when the tokens
@@ -159,7 +158,6 @@ def shared_prefix_groups(encoded: list[Encoded], min_shared: int | None = None
     themselves, so a tokenizer that merges across the prefix's end never shares a wrong
     prefix. At least the last context token of every question stays outside the prefix (it
     predicts the answer)."""
-    min_shared = MIN_SHARED if min_shared is None else min_shared
     ordered = sorted(encoded, key=lambda e: e.context)
     groups: list[tuple[int, list[Encoded]]] = []
     run: list[Encoded] = []
@@ -167,7 +165,7 @@ def shared_prefix_groups(encoded: list[Encoded], min_shared: int | None = None
     for enc in ordered + [None]:
         if enc is not None and run:
             common = min(shared, _common_prefix(run[0].context, enc.context), len(enc.context) - 1)
-            if common >= min_shared and len(run) * common >= (len(run) - 1) * shared:
+            if common >= MIN_SHARED and len(run) * common >= (len(run) - 1) * shared:
                 run.append(enc)
                 shared = common
                 continue
